@@ -1,0 +1,77 @@
+"""Vision Transformer classifier for fine-tuning and linear probing MAE encoders.
+
+References:
+    ViT: https://arxiv.org/abs/2010.11929
+    timm: https://github.com/huggingface/pytorch-image-models
+"""
+from functools import partial
+from typing import Callable, Dict
+
+import torch.nn as nn
+import timm.models.vision_transformer
+
+from util.registry import lookup, names, register
+
+MODELS: Dict[str, Callable] = {}
+
+
+class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
+    """timm ViT with the MAE code's boolean `global_pool`.
+
+    global_pool=True: mean of the patch tokens (cls excluded), then `fc_norm`; no final `norm`.
+    global_pool=False: final `norm`, then the cls token.
+    """
+
+    def __init__(self, global_pool: bool = False, **kwargs):
+        if isinstance(global_pool, str):  # timm-style value passed through
+            global_pool = global_pool == "avg"
+        kwargs.setdefault("fc_norm", None)
+        super().__init__(global_pool="avg" if global_pool else "token", **kwargs)
+        self.use_global_pool = bool(global_pool)
+
+
+def _build(defaults: dict, kwargs: dict) -> VisionTransformer:
+    cfg = dict(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg.update(defaults)
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg)
+
+
+@register(MODELS)
+def vit_tiny_patch16(**kwargs) -> VisionTransformer:
+    """ViT-Ti/16: width 192, depth 12, 3 heads."""
+    return _build(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register(MODELS)
+def vit_small_patch16(**kwargs) -> VisionTransformer:
+    """ViT-S/16: width 384, depth 12, 6 heads."""
+    return _build(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register(MODELS)
+def vit_base_patch16(**kwargs) -> VisionTransformer:
+    """ViT-B/16: width 768, depth 12, 12 heads."""
+    return _build(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register(MODELS)
+def vit_large_patch16(**kwargs) -> VisionTransformer:
+    """ViT-L/16: width 1024, depth 24, 16 heads."""
+    return _build(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+@register(MODELS)
+def vit_huge_patch14(**kwargs) -> VisionTransformer:
+    """ViT-H/14: width 1280, depth 32, 16 heads."""
+    return _build(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
+
+
+def create_model(name: str, **kwargs) -> VisionTransformer:
+    """Build a registered ViT by name; unknown names raise an error listing the choices."""
+    return lookup(MODELS, name, "ViT")(**kwargs)
+
+
+def model_names():
+    """All registered ViT model names."""
+    return names(MODELS)

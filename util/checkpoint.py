@@ -1,0 +1,203 @@
+"""Checkpoint files: atomic writes, safe (weights-only) loading, resume helpers.
+
+A checkpoint is a dict with `model`, `optimizer`, `epoch`, `scaler` and `args` (a plain dict),
+the reference's format; ours may add `rng` (random states for exact resumption).
+"""
+import argparse
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from util.errors import CheckpointError
+from util.logger import log
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+|last)\.pth$")
+
+
+def atomic_save(obj: Any, path: os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def to_plain(value: Any) -> Any:
+    """Convert args values to types that weights_only loading accepts (str for anything exotic)."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint without executing code (weights_only=True); local path or https URL.
+
+    Reference checkpoints (whose `args` is a pickled argparse.Namespace) load through torch's
+    safe-globals allow-list. Anything else that would need unpickling code is refused.
+    """
+    path = str(path)
+    is_url = path.startswith("https://") or path.startswith("http://")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            if is_url:
+                ckpt = torch.hub.load_state_dict_from_url(
+                    path, map_location=map_location, check_hash=True, weights_only=True)
+            else:
+                if not os.path.exists(path):
+                    raise CheckpointError(f"checkpoint file not found: {path}; check the path")
+                if os.path.isdir(path):
+                    raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled objects that could run code "
+            f"({detail.strip()}); only plain tensors and containers are accepted") from None
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        if is_url:
+            raise CheckpointError(f"cannot fetch checkpoint {path}: {e}; check the URL and the network, "
+                                  f"or download it and pass the local file") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a complete PyTorch checkpoint "
+            f"(truncated or another format: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])
+    return ckpt
+
+
+def state_dict_mismatch(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str], List[str]]:
+    """(missing keys, unexpected keys, 'key: checkpoint shape vs model shape') of a state dict."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state_dict and hasattr(state_dict[k], "shape")
+              and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shapes
+
+
+def describe_mismatch(missing: List[str], unexpected: List[str], shapes: List[str], limit: int = 8) -> str:
+    """One-line summary of a state-dict mismatch."""
+    def head(xs):
+        return ", ".join(xs[:limit]) + (f", ... ({len(xs)} in all)" if len(xs) > limit else "")
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {head(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {head(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatch (checkpoint vs model): {head(shapes)}")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with an error naming the mismatched keys and shapes."""
+    missing, unexpected, shapes = state_dict_mismatch(model, state_dict)
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit the model ({describe_mismatch(missing, unexpected, shapes)}); "
+            f"check --model and --input_size")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def save_model(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, loss_scaler: Any, name: Optional[str] = None,
+               extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+    """Write output_dir/checkpoint-{name or epoch}.pth atomically on rank 0; return its path."""
+    from util.misc import is_main_process
+
+    if not args.output_dir:
+        return None
+    path = Path(args.output_dir) / f"checkpoint-{name if name is not None else epoch}.pth"
+    to_save = {
+        "model": model_without_ddp.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "scaler": loss_scaler.state_dict() if loss_scaler is not None else {},
+        "args": to_plain(args),
+    }
+    if extra:
+        to_save.update(extra)
+    if is_main_process():
+        atomic_save(to_save, path)
+    return path
+
+
+def load_model(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+               loss_scaler: Any) -> Optional[Dict[str, Any]]:
+    """Resume from args.resume: the model strictly; unless args.eval, optimizer, scaler, start_epoch.
+
+    Returns the loaded checkpoint dict (or None when args.resume is empty).
+    """
+    if not args.resume:
+        return None
+    checkpoint = load_checkpoint(args.resume)
+    if "model" not in checkpoint:
+        raise CheckpointError(f"{args.resume} has no 'model' entry; is it a training checkpoint?")
+    load_state_dict_strict(model_without_ddp, checkpoint["model"], args.resume)
+    log(f"Resume checkpoint {args.resume}")
+    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"optimizer state in {args.resume} does not fit: {e}") from None
+        args.start_epoch = checkpoint["epoch"] + 1
+        if "scaler" in checkpoint and loss_scaler is not None:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        log("With optim & sched!")
+    return checkpoint
+
+
+def find_checkpoints(output_dir: os.PathLike) -> List[Path]:
+    """Checkpoints in output_dir, newest first (checkpoint-last before numbered ones)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((float("inf") if m.group(1) == "last" else int(m.group(1)), p))
+    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
+    """The newest loadable checkpoint in output_dir by its stored epoch, or None."""
+    best: Optional[Tuple[int, Path]] = None
+    for p in find_checkpoints(output_dir):
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            epoch = int(ckpt.get("epoch", -1))
+        except Exception:  # an unreadable file is skipped; an older one may still be good
+            log(f"skipping unreadable checkpoint {p}")
+            continue
+        if best is None or epoch > best[0]:
+            best = (epoch, p)
+    return best[1] if best else None

@@ -1,0 +1,148 @@
+"""ImageFolder datasets and the transforms of pre-training, fine-tuning and linear probing."""
+import multiprocessing
+import os
+from typing import Any, Callable, Optional
+
+import PIL
+from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import datasets, transforms
+
+from util.errors import DataError
+from util.logger import warn
+
+BICUBIC = transforms.InterpolationMode.BICUBIC
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision ImageFolder that survives unreadable images.
+
+    By default a sample whose file cannot be decoded is replaced by the next readable one and a
+    warning names the file (once per file and process); `skipped` counts them across loader
+    workers. With strict=True the first bad file raises a DataError naming it.
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, strict: bool = False):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder not found: {root}; --data_path must contain "
+                            f"train/ and val/ folders of class sub-folders")
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as e:
+            raise DataError(f"no images in {root} ({e}); expected {root}/<class>/<image> files") from None
+        self.strict = strict
+        self._skipped = multiprocessing.Value("i", 0)
+        self._warned: set = set()
+
+    @property
+    def skipped(self) -> int:
+        """Number of unreadable files replaced so far (all worker processes)."""
+        return self._skipped.value
+
+    def reset_skipped(self) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value = 0
+
+    def __getitem__(self, index: int) -> Any:
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            path, target = self.samples[i]
+            try:
+                sample = self.loader(path)
+            except (OSError, ValueError, PIL.UnidentifiedImageError, Image.DecompressionBombError) as e:
+                if self.strict:
+                    raise DataError(f"cannot read image {path}: {e}; remove or replace the file, "
+                                    f"or drop --strict_data to skip bad files") from None
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warn(f"skipping unreadable image {path}: {e}", force=True)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
+        raise DataError(f"no readable image in {self.root}")
+
+
+def split_folder(data_path: str, split: str) -> str:
+    """data_path/split, with a clear error when it is missing."""
+    if not os.path.isdir(data_path):
+        raise DataError(f"--data_path {data_path} does not exist; point it at a folder with "
+                        f"train/ and val/ sub-folders of class folders")
+    root = os.path.join(data_path, split)
+    if not os.path.isdir(root):
+        raise DataError(f"{root} not found: --data_path must contain a {split}/ folder of class folders")
+    return root
+
+
+def build_dataset(is_train: bool, args: Any, transform: Optional[Callable] = None) -> ImageFolder:
+    """ImageFolder(data_path/'train' or 'val') with build_transform (or the given transform)."""
+    root = split_folder(args.data_path, "train" if is_train else "val")
+    if transform is None:
+        transform = build_transform(is_train, args)
+    dataset = ImageFolder(root, transform=transform, strict=getattr(args, "strict_data", False))
+    return dataset
+
+
+def build_transform(is_train: bool, args: Any) -> Callable:
+    """Fine-tuning transforms: timm RandAugment/erasing pipeline, or resize + center crop."""
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if is_train:
+        return create_transform(
+            input_size=args.input_size,
+            is_training=True,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa,
+            interpolation="bicubic",
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+            mean=mean,
+            std=std,
+        )
+    return eval_transform(args.input_size)
+
+
+def eval_transform(input_size: int) -> Callable:
+    """Resize the short side to input_size/crop_pct (bicubic), center-crop, normalise."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    size = int(input_size / crop_pct)
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def pretrain_transform(input_size: int) -> Callable:
+    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def linprobe_transform(is_train: bool, input_size: int = 224) -> Callable:
+    """Linear-probe transforms: single-draw random resized crop + flip, or resize 256/224 + crop."""
+    from util.crop import RandomResizedCrop
+
+    if is_train:
+        return transforms.Compose([
+            RandomResizedCrop(input_size, interpolation=BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ])
+    return transforms.Compose([
+        transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
