@@ -1,0 +1,86 @@
+"""MAE pre-training entry point.
+
+References:
+    MAE: https://arxiv.org/abs/2111.06377
+    DeiT: https://github.com/facebookresearch/deit
+"""
+import argparse
+import sys
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+import models_mae
+import util.runner as runner
+from engine_pretrain import train_one_epoch
+from util.datasets import build_dataset, pretrain_transform
+from util.errors import UserError
+from util.logger import log
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Pre-training flags (reference names and defaults, plus ours)."""
+    parser = argparse.ArgumentParser("MAE pre-training", add_help=False)
+    runner.add_common_args(
+        parser, batch_size=64, epochs=400, model="mae_vit_large_patch16", weight_decay=0.05,
+        blr=1e-3, min_lr=0.0, warmup_epochs=40,
+        model_help="Name of model to train (one of: " + ", ".join(models_mae.model_names()) + ")")
+    parser.add_argument("--mask_ratio", default=0.75, type=float,
+                        help="Masking ratio (percentage of removed patches).")
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="Use (per-patch) normalized pixels as targets for computing loss")
+    parser.set_defaults(norm_pix_loss=False)
+    parser.add_argument("--save_freq", default=20, type=int,
+                        help="write checkpoint-{epoch}.pth every N epochs (and at the last); "
+                             "checkpoint-last.pth is written every epoch")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Pre-training flag values that cannot work."""
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.save_freq < 1:
+        raise UserError(f"--save_freq must be at least 1, got {args.save_freq}")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Pre-train an MAE on the ImageFolder at args.data_path/train."""
+    check_args(args)
+    device = runner.setup(args)
+
+    # define the model first: a wrong name or size fails before any data is read
+    model = models_mae.create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
+    runner.check_input_size(args.input_size, model)
+
+    dataset_train = build_dataset(True, args, transform=pretrain_transform(args.input_size))
+    log(dataset_train)
+    data_loader_train = runner.train_loader(dataset_train, args)
+
+    model.to(device)
+    model_without_ddp = model
+    log("Model = %s" % str(model_without_ddp))
+    runner.scale_lr(args)
+    model = runner.wrap_ddp(model, args, device)
+
+    # following timm: set wd as 0 for bias and norm layers
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    log(optimizer)
+    loss_scaler = runner.make_loss_scaler(args, device)
+
+    runner.resume(args, model_without_ddp, optimizer, loss_scaler)
+    log_writer = runner.tensorboard_writer(args)
+
+    runner.train_loop(
+        args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
+        loss_scaler=loss_scaler, data_loader_train=data_loader_train,
+        train_one_epoch=lambda epoch: train_one_epoch(model, data_loader_train, optimizer, device, epoch,
+                                                      loss_scaler, log_writer=log_writer, args=args),
+        log_writer=log_writer, numbered_every=args.save_freq)
+    if log_writer is not None:
+        log_writer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(runner.launch(main, get_args_parser().parse_args()))
