@@ -10,7 +10,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -201,3 +201,40 @@ def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
         if best is None or epoch > best[0]:
             best = (epoch, p)
     return best[1] if best else None
+
+
+def load_pretrained(model: torch.nn.Module, path: str, allowed_missing: Set[str]) -> None:
+    """Load an encoder from a pre-training (or fine-tuning) checkpoint for --finetune.
+
+    Drops a head of another shape, resizes the position table to the model's grid, loads
+    non-strictly and checks that only keys in `allowed_missing` are absent; any other missing
+    key or a shape mismatch raises a CheckpointError naming them.
+    """
+    from util.pos_embed import interpolate_pos_embed
+
+    checkpoint = load_checkpoint(path)
+    log("Load pre-trained checkpoint from: %s" % path)
+    checkpoint_model = checkpoint.get("model", checkpoint)
+    if not isinstance(checkpoint_model, dict) or not all(torch.is_tensor(v) for v in checkpoint_model.values()):
+        raise CheckpointError(f"{path} holds no model weights (no 'model' state dict)")
+    checkpoint_model = dict(checkpoint_model)
+    state_dict = model.state_dict()
+    for k in ["head.weight", "head.bias"]:
+        if k in checkpoint_model and k in state_dict and checkpoint_model[k].shape != state_dict[k].shape:
+            log(f"Removing key {k} from pretrained checkpoint")
+            del checkpoint_model[k]
+
+    # interpolate position embedding
+    if "pos_embed" in checkpoint_model and hasattr(model, "patch_embed"):
+        interpolate_pos_embed(model, checkpoint_model)
+
+    missing, unexpected, shapes = state_dict_mismatch(model, checkpoint_model)
+    bad_missing = [k for k in missing if k not in allowed_missing]
+    bad_unexpected = [k for k in unexpected if k.startswith(("blocks.", "patch_embed."))]
+    if bad_missing or bad_unexpected or shapes:
+        raise CheckpointError(
+            f"--finetune checkpoint {path} does not fit the model "
+            f"({describe_mismatch(bad_missing, bad_unexpected, shapes)}); is it an MAE checkpoint of the same "
+            f"architecture as --model?")
+    msg = model.load_state_dict(checkpoint_model, strict=False)
+    log(msg)

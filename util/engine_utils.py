@@ -1,11 +1,17 @@
-"""Pieces both epoch loops use: accumulation boundaries, deferred loss checks, buffered scalars."""
+"""The training-epoch loop both engines share, and its parts.
+
+Accumulation boundaries, DDP no_sync on micro-steps, deferred NaN checks and buffered TensorBoard
+scalars: nothing waits for the device between console prints.
+"""
 from contextlib import nullcontext
-from typing import Any, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+import util.lr_sched as lr_sched
 import util.misc as misc
 from util.errors import NonFiniteLossError
+from util.logger import log
 
 
 def maybe_no_sync(model: torch.nn.Module, update_grad: bool):
@@ -61,3 +67,75 @@ class ScalarBuffer:
 def reduce_loss_for_logging(loss: torch.Tensor) -> torch.Tensor:
     """Loss averaged over processes, still a tensor (no host sync)."""
     return misc.all_reduce_mean(loss.detach())
+
+
+def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                device: torch.device, epoch: int, loss_scaler: Any,
+                compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                args: Any, log_writer: Optional[Any] = None, loss_tag: str = "loss",
+                clip_grad: Optional[float] = None) -> Dict[str, float]:
+    """One epoch of optimisation; returns the global averages of 'loss' and 'lr'.
+
+    Args:
+        compute_loss: (samples, targets) on the device -> scalar loss; runs under autocast.
+        args: accum_iter and the lr schedule fields; optional amp and print_freq.
+        loss_tag: TensorBoard tag of the loss ('train_loss' for pre-training, 'loss' for fine-tuning).
+        clip_grad: max gradient norm, or None (or 0) for no clipping.
+    """
+    from util.runner import autocast
+
+    model.train(True)
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = "Epoch: [{}]".format(epoch)
+    print_freq = getattr(args, "print_freq", 20)
+    accum_iter = args.accum_iter
+    amp = getattr(args, "amp", "none") or "none"
+    clip_params = [p for p in model.parameters() if p.requires_grad] if clip_grad else None
+    watch = LossWatch(epoch)
+    scalars = ScalarBuffer(log_writer)
+
+    optimizer.zero_grad()
+    if log_writer is not None:
+        log("log_dir: {}".format(log_writer.log_dir))
+
+    num_steps = len(data_loader)
+    for data_iter_step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        # a per-iteration (instead of per-epoch) lr schedule
+        if data_iter_step % accum_iter == 0:
+            lr_sched.adjust_learning_rate(optimizer, data_iter_step / num_steps + epoch, args)
+
+        samples = samples.to(device, non_blocking=True)
+        if torch.is_tensor(targets):
+            targets = targets.to(device, non_blocking=True)
+        update_grad = (data_iter_step + 1) % accum_iter == 0
+        with maybe_no_sync(model, update_grad):
+            with autocast(device, amp):
+                loss = compute_loss(samples, targets)
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=clip_grad or None, parameters=clip_params,
+                        update_grad=update_grad)
+        if update_grad:
+            optimizer.zero_grad(set_to_none=True)
+
+        lr = max(group["lr"] for group in optimizer.param_groups)
+        watch.add(data_iter_step, loss, lr)
+        metric_logger.update(loss=loss.detach())
+        metric_logger.update(lr=lr)
+
+        if update_grad:
+            loss_value_reduce = reduce_loss_for_logging(loss)
+            # x-axis in 1000ths of an epoch, to compare runs with different batch sizes
+            epoch_1000x = int((data_iter_step / num_steps + epoch) * 1000)
+            scalars.add(loss_tag, loss_value_reduce, epoch_1000x)
+            scalars.add("lr", lr, epoch_1000x)
+
+        if data_iter_step % print_freq == 0 or data_iter_step == num_steps - 1:
+            watch.check()  # the only read-back of the loss between prints
+            scalars.flush()
+
+    watch.check()
+    scalars.flush()
+    # gather the stats from all processes
+    metric_logger.synchronize_between_processes()
+    log("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}

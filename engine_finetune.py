@@ -1,0 +1,79 @@
+"""One epoch of fine-tuning / linear probing, and evaluation.
+
+References:
+    DeiT: https://github.com/facebookresearch/deit
+    BEiT: https://github.com/microsoft/unilm/tree/master/beit
+"""
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+from timm.data import Mixup
+
+import util.misc as misc
+from util.engine_utils import train_epoch
+from util.logger import log
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler: Any,
+                    max_norm: Optional[float] = 0, mixup_fn: Optional[Mixup] = None,
+                    log_writer: Optional[Any] = None, args: Optional[Any] = None) -> Dict[str, float]:
+    """Train for one epoch; return the global averages of 'loss' and 'lr'.
+
+    Args:
+        criterion: loss on (logits, targets); soft targets when mixup_fn is given.
+        max_norm: gradient clipping norm; None or 0 for no clipping.
+        mixup_fn: timm Mixup/CutMix applied to each batch, or None.
+        log_writer: TensorBoard SummaryWriter or None (scalars 'loss' and 'lr').
+        args: needs accum_iter and the lr schedule fields; optional amp, print_freq.
+    """
+    def compute_loss(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        outputs = model(samples)
+        return criterion(outputs, targets)
+
+    return train_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, compute_loss,
+                       args=args, log_writer=log_writer, loss_tag="loss", clip_grad=max_norm)
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+             amp: Optional[str] = None) -> Dict[str, float]:
+    """Cross-entropy, top-1 and top-5 accuracy (percent) over the loader; every image counts once.
+
+    Loss and accuracies are averaged per image, summed over processes, so a sharded evaluation
+    gives the same numbers as a single process.
+    """
+    from util.runner import autocast, resolve_amp
+
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    header = "Test:"
+    amp = resolve_amp(amp, device)
+    for name in ("loss", "acc1", "acc5"):  # every rank holds every meter, even with an empty shard
+        metric_logger.add_meter(name, misc.SmoothedValue())
+
+    # switch to evaluation mode
+    model.eval()
+    for images, target in metric_logger.log_every(data_loader, 10, header):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            output = model(images)
+        output = output.float()
+        batch_size = images.shape[0]
+        loss = criterion(output, target) / batch_size
+        maxk = min(5, output.shape[1])
+        topk = output.topk(maxk, dim=1).indices  # [N, k]
+        hits = topk.eq(target.unsqueeze(1))
+        acc1 = hits[:, :1].any(dim=1).float().mean() * 100.0
+        acc5 = hits.any(dim=1).float().mean() * 100.0
+        metric_logger.meters["loss"].update(loss, n=batch_size)
+        metric_logger.meters["acc1"].update(acc1, n=batch_size)
+        metric_logger.meters["acc5"].update(acc5, n=batch_size)
+    # gather the stats from all processes
+    metric_logger.synchronize_between_processes()
+    log("* Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f} loss {losses.global_avg:.3f}".format(
+        top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}

@@ -1,0 +1,126 @@
+"""Fine-tuning a pre-trained MAE encoder for image classification.
+
+References:
+    MAE: https://arxiv.org/abs/2111.06377
+    DeiT: https://github.com/facebookresearch/deit
+    BEiT: https://github.com/microsoft/unilm/tree/master/beit
+"""
+import argparse
+import sys
+
+import torch
+from timm.data.mixup import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import models_vit
+import util.lr_decay as lrd
+import util.runner as runner
+from util.checkpoint import load_pretrained
+from util.datasets import build_transform
+from util.errors import UserError
+from util.logger import log
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Fine-tuning flags (reference names and defaults, plus ours)."""
+    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=False)
+    runner.add_common_args(
+        parser, batch_size=64, epochs=50, model="vit_large_patch16", weight_decay=0.05, blr=1e-3,
+        min_lr=1e-6, warmup_epochs=5,
+        model_help="Name of model to train (one of: " + ", ".join(models_vit.model_names()) + ")")
+    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="Drop path rate (default: 0.1)")
+    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
+                        help="Clip gradient norm (default: None, no clipping)")
+    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+
+    # Augmentation parameters
+    parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                        help="Color jitter factor (enabled only when not using Auto/RandAug)")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                        help='Use AutoAugment policy. "v0" or "original". " + "(default: rand-m9-mstd0.5-inc1)')
+    parser.add_argument("--smoothing", type=float, default=0.1, help="Label smoothing (default: 0.1)")
+
+    # * Random Erase params
+    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="Random erase prob (default: 0.25)")
+    parser.add_argument("--remode", type=str, default="pixel", help='Random erase mode (default: "pixel")')
+    parser.add_argument("--recount", type=int, default=1, help="Random erase count (default: 1)")
+    parser.add_argument("--resplit", action="store_true", default=False,
+                        help="Do not random erase first (clean) augmentation split")
+
+    # * Mixup params
+    parser.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0.")
+    parser.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0.")
+    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)")
+    parser.add_argument("--mixup_prob", type=float, default=1.0,
+                        help="Probability of performing mixup or cutmix when either/both is enabled")
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                        help="Probability of switching to cutmix when both mixup and cutmix enabled")
+    parser.add_argument("--mixup_mode", type=str, default="batch",
+                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+
+    runner.add_classification_args(parser, global_pool=True)
+    return parser
+
+
+def build_mixup(args: argparse.Namespace):
+    """timm Mixup/CutMix (label smoothing inside) when enabled, else None."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if not mixup_active:
+        return None
+    if args.batch_size % 2:
+        raise UserError(f"mixup/cutmix need an even --batch_size, got {args.batch_size}")
+    log("Mixup is activated!")
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Fine-tune (or with --eval, evaluate) a ViT on args.data_path/{train,val}."""
+    device = runner.setup(args)
+
+    model = models_vit.create_model(args.model, num_classes=args.nb_classes, drop_path_rate=args.drop_path,
+                                    global_pool=args.global_pool, img_size=args.input_size)
+    runner.check_input_size(args.input_size, model)
+    _, _, data_loader_train, data_loader_val = runner.classification_data(
+        args, build_transform(True, args), build_transform(False, args))
+    mixup_fn = build_mixup(args)
+
+    if args.finetune and not args.eval:
+        allowed = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if args.global_pool else set())
+        load_pretrained(model, args.finetune, allowed)
+        # manually initialize fc layer
+        trunc_normal_(model.head.weight, std=2e-5)
+
+    model.to(device)
+    model_without_ddp = model
+    log("Model = %s" % str(model_without_ddp))
+    runner.scale_lr(args)
+    model = runner.wrap_ddp(model, args, device)
+
+    # build optimizer with layer-wise lr decay (lrd)
+    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
+                                        no_weight_decay_list=model_without_ddp.no_weight_decay(),
+                                        layer_decay=args.layer_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    loss_scaler = runner.make_loss_scaler(args, device)
+
+    if mixup_fn is not None:
+        # smoothing is handled with mixup label transform
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0.:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    log("criterion = %s" % str(criterion))
+
+    return runner.run_classification(
+        args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
+        criterion=criterion, device=device, data_loader_train=data_loader_train,
+        data_loader_val=data_loader_val, mixup_fn=mixup_fn, max_norm=args.clip_grad)
+
+
+if __name__ == "__main__":
+    sys.exit(runner.launch(main, get_args_parser().parse_args()))

@@ -1,0 +1,76 @@
+"""Linear probing of a pre-trained MAE encoder: a BatchNorm + linear head on frozen features.
+
+References:
+    MAE: https://arxiv.org/abs/2111.06377
+    MoCo v3: https://github.com/facebookresearch/moco-v3
+"""
+import argparse
+import sys
+
+import torch
+from timm.layers import trunc_normal_
+
+import models_vit
+import util.runner as runner
+from util.checkpoint import load_pretrained
+from util.datasets import linprobe_transform
+from util.lars import LARS
+from util.logger import log
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Linear-probing flags (reference names and defaults, plus ours)."""
+    parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=False)
+    runner.add_common_args(
+        parser, batch_size=512, epochs=90, model="vit_large_patch16", weight_decay=0.0, blr=0.1,
+        min_lr=0.0, warmup_epochs=10,
+        model_help="Name of model to train (one of: " + ", ".join(models_vit.model_names()) + ")")
+    runner.add_classification_args(parser, global_pool=False)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train (or with --eval, evaluate) a linear classifier on frozen encoder features."""
+    device = runner.setup(args)
+
+    model = models_vit.create_model(args.model, num_classes=args.nb_classes, global_pool=args.global_pool,
+                                    img_size=args.input_size)
+    runner.check_input_size(args.input_size, model)
+    _, _, data_loader_train, data_loader_val = runner.classification_data(
+        args, linprobe_transform(True, args.input_size), linprobe_transform(False, args.input_size))
+
+    if args.finetune and not args.eval:
+        allowed = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if args.global_pool else set())
+        load_pretrained(model, args.finetune, allowed)
+        # manually initialize fc layer: following MoCo v3
+        trunc_normal_(model.head.weight, std=0.01)
+
+    # for linear prob only: a BatchNorm without affine parameters in front of the head
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6),
+                                     model.head)
+    # freeze all but the head
+    for _, p in model.named_parameters():
+        p.requires_grad = False
+    for _, p in model.head.named_parameters():
+        p.requires_grad = True
+
+    model.to(device)
+    model_without_ddp = model
+    log("Model = %s" % str(model_without_ddp))
+    runner.scale_lr(args)
+    model = runner.wrap_ddp(model, args, device)
+
+    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    log(optimizer)
+    loss_scaler = runner.make_loss_scaler(args, device)
+    criterion = torch.nn.CrossEntropyLoss()
+    log("criterion = %s" % str(criterion))
+
+    return runner.run_classification(
+        args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
+        criterion=criterion, device=device, data_loader_train=data_loader_train,
+        data_loader_val=data_loader_val, mixup_fn=None, max_norm=None)
+
+
+if __name__ == "__main__":
+    sys.exit(runner.launch(main, get_args_parser().parse_args()))

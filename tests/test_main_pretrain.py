@@ -1,0 +1,176 @@
+"""End-to-end tests of main_pretrain.py and engine_pretrain.py on a tiny generated ImageFolder."""
+import argparse
+import os
+
+import pytest
+import torch
+
+import engine_pretrain
+import util.engine_utils as engine_utils
+import main_pretrain
+import util.misc as misc
+from helpers import TINY_PRETRAIN, read_log, run_script, run_torchrun
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_reference_flags_and_defaults():
+    args = main_pretrain.get_args_parser().parse_args([])
+    expected = dict(batch_size=64, epochs=400, accum_iter=1, model="mae_vit_large_patch16", input_size=224,
+                    mask_ratio=0.75, norm_pix_loss=False, weight_decay=0.05, lr=None, blr=1e-3, min_lr=0.0,
+                    warmup_epochs=40, output_dir="./output_dir", log_dir="./output_dir", seed=0, resume="",
+                    start_epoch=0, num_workers=10, pin_mem=True, world_size=1, local_rank=-1,
+                    dist_on_itp=False, dist_url="env://")
+    for k, v in expected.items():
+        assert getattr(args, k) == v, k
+    assert main_pretrain.get_args_parser().parse_args(["--no_pin_mem"]).pin_mem is False
+    # a parent parser for launchers: no -h of its own
+    assert not any("-h" in a.option_strings for a in main_pretrain.get_args_parser()._actions)
+
+
+def test_two_epochs_then_resume(image_folder, tmp_path):
+    out = tmp_path / "out"
+    common = [*TINY_PRETRAIN, "--data_path", image_folder, "--output_dir", out, "--log_dir", out]
+    proc = run_script("main_pretrain.py", *common, "--epochs", "2")
+    assert "effective batch size: 4" in proc.stdout
+    files = set(os.listdir(out))
+    assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "args.json"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    rows = read_log(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert set(rows[0]) == {"train_loss", "train_lr", "epoch"}
+    ckpt = load(out / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and set(ckpt) >= {"model", "optimizer", "epoch", "scaler", "args"}
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "mae_vit_tiny_patch16"
+
+    # explicit --resume of epoch 1 continues at epoch 2
+    proc = run_script("main_pretrain.py", *common, "--epochs", "3", "--resume", out / "checkpoint-1.pth")
+    assert "Epoch: [2]" in proc.stdout and "Epoch: [1]" not in proc.stdout
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+
+    # auto-resume: same command again, nothing left to do, nothing changes
+    before = load(out / "checkpoint-last.pth")["model"]
+    proc = run_script("main_pretrain.py", *common, "--epochs", "3")
+    assert "Auto-resuming from" in proc.stdout and "Nothing to train" in proc.stdout
+    after = load(out / "checkpoint-last.pth")["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+
+    # auto-resume with more epochs continues; --no_auto_resume starts over
+    proc = run_script("main_pretrain.py", *common, "--epochs", "4")
+    assert "Epoch: [3]" in proc.stdout and "Epoch: [2]" not in proc.stdout
+    proc = run_script("main_pretrain.py", *common, "--epochs", "1", "--no_auto_resume")
+    assert "Epoch: [0]" in proc.stdout and "Auto-resuming" not in proc.stdout
+
+
+def test_exact_resume_is_bitwise_identical(image_folder, tmp_path):
+    common = [*TINY_PRETRAIN, "--data_path", image_folder, "--amp", "none", "--epochs", "4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_script("main_pretrain.py", *common, "--output_dir", a, "--log_dir", a)
+    run_script("main_pretrain.py", *common, "--output_dir", b, "--log_dir", b, "--stop_epoch", "2")
+    assert load(b / "checkpoint-last.pth")["epoch"] == 1
+    run_script("main_pretrain.py", *common, "--output_dir", b, "--log_dir", b)
+    wa, wb = load(a / "checkpoint-last.pth"), load(b / "checkpoint-last.pth")
+    assert wa["epoch"] == wb["epoch"] == 3
+    for k in wa["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+    assert read_log(a) == read_log(b)
+
+
+def test_output_dir_empty_disables_saving(image_folder, tmp_path):
+    before = set(os.listdir(tmp_path))
+    proc = run_script("main_pretrain.py", *TINY_PRETRAIN, "--data_path", image_folder, "--epochs", "1",
+                      "--output_dir", "", "--log_dir", "", cwd=tmp_path)
+    assert "Training time" in proc.stdout
+    assert set(os.listdir(tmp_path)) == before
+
+
+class _CountingOptimizer(torch.optim.SGD):
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.steps = 0
+
+    def step(self, closure=None):
+        self.steps += 1
+        return super().step(closure)
+
+
+def test_accum_iter_steps_and_lr_every_second_iteration(monkeypatch):
+    model = torch.nn.Linear(2, 1)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = model
+
+        def forward(self, x, mask_ratio=0.75):
+            return self.lin(x.flatten(1)[:, :2]).pow(2).mean(), None, None
+
+    calls = []
+    real = engine_utils.lr_sched.adjust_learning_rate
+
+    def spy(optimizer, epoch, args):
+        calls.append(epoch)
+        return real(optimizer, epoch, args)
+
+    monkeypatch.setattr(engine_utils.lr_sched, "adjust_learning_rate", spy)
+    opt = _CountingOptimizer(model.parameters())
+    loader = [(torch.randn(2, 2), torch.zeros(2)) for _ in range(6)]
+    args = argparse.Namespace(accum_iter=2, mask_ratio=0.75, lr=0.1, min_lr=0.0, warmup_epochs=1, epochs=2,
+                              amp="none", print_freq=100)
+    engine_pretrain.train_one_epoch(Toy(), loader, opt, torch.device("cpu"), 0,
+                                    misc.NativeScalerWithGradNormCount("cpu", enabled=False), args=args)
+    assert opt.steps == 3
+    assert calls == pytest.approx([0 / 6, 2 / 6, 4 / 6])
+
+
+def test_nonfinite_loss_raises_with_epoch_step_lr():
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x, mask_ratio=0.75):
+            return self.w * x.mean() * float("nan") if x.mean() > 100 else self.w * 0.0 + 1.0, None, None
+
+    loader = [(torch.zeros(1, 2), None), (torch.zeros(1, 2), None), (torch.full((1, 2), 1000.0), None)]
+    args = argparse.Namespace(accum_iter=1, mask_ratio=0.75, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1,
+                              amp="none", print_freq=100)
+    model = Bad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    from util.errors import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError) as e:
+        engine_pretrain.train_one_epoch(model, loader, opt, torch.device("cpu"), 5,
+                                        misc.NativeScalerWithGradNormCount("cpu", enabled=False), args=args)
+    assert e.value.epoch == 5 and e.value.step == 2
+    assert "epoch 5, step 2" in str(e.value) and "lr" in str(e.value)
+
+
+def test_torchrun_two_processes_runs(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_torchrun(2, "main_pretrain.py", *TINY_PRETRAIN, "--batch_size", "2", "--data_path", image_folder,
+                        "--epochs", "1", "--output_dir", out, "--log_dir", out)
+    assert "effective batch size: 4" in proc.stdout
+    assert [r["epoch"] for r in read_log(out)] == [0]
+    assert load(out / "checkpoint-last.pth")["epoch"] == 0
+    assert len(load(out / "checkpoint-last.pth")["rng"]) == 2
+
+
+def test_ddp_step_equals_single_process_double_batch(tmp_path):
+    one, two = tmp_path / "one.pth", tmp_path / "two.pth"
+    run_script("tests/ddp_pretrain_step.py", one)
+    run_torchrun(2, "tests/ddp_pretrain_step.py", two)
+    a, b = load(one), load(two)
+    init = None
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # and the step did change the weights
+    torch.manual_seed(0)
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from ddp_pretrain_step import ContentMaskedMAE
+    init = ContentMaskedMAE(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).state_dict()
+    assert not torch.equal(init["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"])
