@@ -255,6 +255,59 @@ def test_forward_draws_exactly_one_uniform_noise_tensor():
         assert mask[n].tolist() == [0.0 if i in keep else 1.0 for i in range(4)]
 
 
+def _naive_forward(m, imgs, mask_ratio, noise):
+    """Spec §2 forward, step by step with explicit per-sample loops, reusing the model's layers."""
+    N = imgs.shape[0]
+    p = m.patch_embed.patch_size[0]
+    D = m.cls_token.shape[-1]
+    w = m.patch_embed.proj.weight.reshape(D, -1)  # conv as a Linear over (C, p, p) patches
+    patches = imgs.unfold(2, p, p).unfold(3, p, p)  # [N, C, h, w, p, p]
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(N, -1, w.shape[1])
+    x = patches @ w.T + m.patch_embed.proj.bias + m.pos_embed[:, 1:]
+    L = x.shape[1]
+    len_keep = int(L * (1 - mask_ratio))
+    keep = [sorted(range(L), key=lambda i: noise[n, i].item())[:len_keep] for n in range(N)]
+    x = torch.stack([x[n, keep[n]] for n in range(N)])
+    x = torch.cat([(m.cls_token + m.pos_embed[:, :1]).expand(N, -1, -1), x], dim=1)
+    for blk in m.blocks:
+        x = blk(x)
+    x = m.decoder_embed(m.norm(x))
+    full = m.mask_token.expand(N, 1 + L, -1).clone()
+    for n in range(N):
+        full[n, 0] = x[n, 0]
+        for slot, i in enumerate(keep[n]):
+            full[n, 1 + i] = x[n, 1 + slot]
+    x = full + m.decoder_pos_embed
+    for blk in m.decoder_blocks:
+        x = blk(x)
+    pred = m.decoder_pred(m.decoder_norm(x))[:, 1:]
+    mask = torch.ones(N, L)
+    for n in range(N):
+        mask[n, keep[n]] = 0
+    return pred, mask
+
+
+def test_forward_matches_step_by_step_reference():
+    torch.manual_seed(3)
+    m = _tiny(img_size=16, depth=2, decoder_depth=2).eval()  # 4x4 grid
+    with torch.no_grad():  # non-trivial tokens and position tables
+        m.mask_token.normal_()
+        m.cls_token.normal_()
+        m.pos_embed.normal_()
+        m.decoder_pos_embed.normal_()
+        imgs = torch.randn(2, 3, 16, 16)
+        noise = torch.rand(2, 16)
+        loss, pred, mask = m(imgs, mask_ratio=0.75, noise=noise)
+        exp_pred, exp_mask = _naive_forward(m, imgs, 0.75, noise)
+    torch.testing.assert_close(pred, exp_pred, rtol=1e-4, atol=1e-5)
+    assert torch.equal(mask, exp_mask)
+    per_patch = ((exp_pred - _naive_patchify(imgs, 4)) ** 2).mean(-1)
+    torch.testing.assert_close(loss, (per_patch * exp_mask).sum() / exp_mask.sum(), rtol=1e-5, atol=1e-6)
+    latent, mask_e, ids_restore = m.forward_encoder(imgs, 0.75, noise=noise)
+    assert latent.shape == (2, 1 + 4, 16) and torch.equal(mask_e, mask)
+    assert m.forward_decoder(latent, ids_restore).shape == (2, 16, 48)
+
+
 # ----------------------------------------------------------------------------
 # loss
 

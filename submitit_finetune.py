@@ -1,0 +1,31 @@
+"""Submit fine-tuning to SLURM (or run it locally) through submitit.
+
+Flags: those of main_finetune.py plus --ngpus, --nodes, --timeout, --job_dir, --partition,
+--use_volta32, --comment and --cluster. See util/launcher.py.
+"""
+import sys
+
+import main_finetune as trainer
+import util.launcher as launcher
+from util.runner import launch
+
+
+def parse_args(argv=None):
+    """main_finetune.py's flags plus the launcher's."""
+    return launcher.parse_args(trainer.get_args_parser(), "Submitit for MAE finetune", argv)
+
+
+class Trainer(launcher.Trainer):
+    """Runs main_finetune.main inside the job; requeues from the newest checkpoint."""
+
+    entry = "main_finetune"
+
+
+def main(argv=None):
+    """Submit one job and print its id."""
+    args = parse_args(argv)
+    return launcher.submit(args, Trainer, name="mae")
+
+
+if __name__ == "__main__":
+    sys.exit(launch(lambda _: main(), None))

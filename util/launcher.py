@@ -1,0 +1,158 @@
+"""SLURM (and local) job submission through submitit, shared by the three submitit_*.py launchers.
+
+A job runs one task per GPU (or per CPU process); each task reads its rank, local device and the
+world size from submitit's job environment and meets the others through a file in the job folder.
+On timeout or pre-emption the job requeues itself and resumes from the newest checkpoint.
+"""
+import argparse
+import importlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from util.checkpoint import find_latest_checkpoint
+from util.logger import log
+
+DEFAULT_JOB_DIR = os.path.join("submitit_jobs", "%j")
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The reference launcher flags, plus --cluster."""
+    parser.add_argument("--ngpus", default=8, type=int,
+                        help="Number of gpus to request on each node (processes per node with --device cpu)")
+    parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request")
+    parser.add_argument("--timeout", default=4320, type=int, help="Duration of the job, in minutes")
+    parser.add_argument("--job_dir", default="", type=str,
+                        help=f"Job dir; '%%j' becomes the job id. Default: ./{DEFAULT_JOB_DIR.replace('%', '%%')}. "
+                             f"Multi-node jobs need it on a filesystem every node sees.")
+    parser.add_argument("--partition", default="learnfair", type=str, help="Partition where to submit")
+    parser.add_argument("--use_volta32", action="store_true", help="Request 32G V100 GPUs")
+    parser.add_argument("--comment", default="", type=str, help="Comment to pass to scheduler")
+    parser.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                        help="where to run: slurm, local (processes on this machine) or debug (in this "
+                             "process); default: slurm when available, else local")
+    return parser
+
+
+def parse_args(entry_parser: argparse.ArgumentParser, description: str, argv=None) -> argparse.Namespace:
+    """The entry point's flags plus the launcher's."""
+    parser = argparse.ArgumentParser(description, parents=[entry_parser])
+    add_launcher_args(parser)
+    return parser.parse_args(argv)
+
+
+def shared_folder(job_dir: str) -> Path:
+    """The folder of all jobs: job_dir without its '%j' part (made if missing)."""
+    p = Path(job_dir)
+    folder = p.parent if "%j" in p.name else p
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def get_init_file(job_dir: str) -> Path:
+    """A fresh rendezvous file path for torch.distributed's file:// init."""
+    init_file = shared_folder(job_dir) / f"{uuid.uuid4().hex}_init"
+    if init_file.exists():
+        os.remove(str(init_file))
+    return init_file
+
+
+class Trainer:
+    """The submitted callable: sets up ranks from the job environment and runs the entry point.
+
+    Subclasses name the entry-point module in `entry`; `checkpoint()` is what submitit calls on
+    timeout or pre-emption.
+    """
+
+    entry = "main_pretrain"
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def __call__(self) -> Any:
+        trainer = importlib.import_module(self.entry)
+        self._setup_gpu_args()
+        return trainer.main(self.args)
+
+    def checkpoint(self):
+        """Requeue this job, resuming from the newest checkpoint in its output folder."""
+        import submitit
+
+        self.args.dist_url = get_init_file(self.args.job_dir).as_uri()
+        output_dir = self._output_dir()
+        latest = find_latest_checkpoint(output_dir) if output_dir else None
+        if latest is not None:
+            self.args.resume = str(latest)
+        log(f"Requeuing {self.entry}, resuming from {self.args.resume or 'scratch'}")
+        empty_trainer = type(self)(self.args)
+        return submitit.helpers.DelayedSubmission(empty_trainer)
+
+    def _output_dir(self) -> Optional[str]:
+        out = str(self.args.output_dir)
+        if "%j" in out:
+            import submitit
+            try:
+                out = out.replace("%j", str(submitit.JobEnvironment().job_id))
+            except RuntimeError:  # not inside a job: nothing to resolve against
+                return None
+        return out
+
+    def _setup_gpu_args(self) -> None:
+        import submitit
+
+        job_env = submitit.JobEnvironment()
+        self.args.output_dir = str(self.args.output_dir).replace("%j", str(job_env.job_id))
+        self.args.log_dir = self.args.output_dir
+        self.args.gpu = job_env.local_rank
+        self.args.rank = job_env.global_rank
+        self.args.world_size = job_env.num_tasks
+        if job_env.num_tasks > 1:
+            # read by util.misc.init_distributed_mode; the rendezvous is args.dist_url (a file)
+            os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
+                              LOCAL_RANK=str(job_env.local_rank))
+        log(f"Process group: {job_env.num_tasks} tasks, rank: {job_env.global_rank}", force=True)
+
+
+def submit(args: argparse.Namespace, trainer_cls: type, name: str = "mae"):
+    """Create the executor from the launcher flags, submit trainer_cls(args) and print the job id."""
+    import submitit
+
+    if args.job_dir == "":
+        args.job_dir = DEFAULT_JOB_DIR
+    args.job_dir = os.path.abspath(args.job_dir)
+    executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+
+    cpu = (args.device or "").startswith("cpu")
+    num_gpus_per_node = args.ngpus
+    kwargs = {}
+    if args.use_volta32:
+        kwargs["slurm_constraint"] = "volta32gb"
+    if args.comment:
+        kwargs["slurm_comment"] = args.comment
+    executor.update_parameters(
+        mem_gb=40 * num_gpus_per_node,
+        gpus_per_node=0 if cpu else num_gpus_per_node,
+        tasks_per_node=num_gpus_per_node,  # one task per GPU
+        cpus_per_task=10,
+        nodes=args.nodes,
+        timeout_min=args.timeout,
+        # below are cluster dependent parameters
+        slurm_partition=args.partition,
+        slurm_signal_delay_s=120,
+        **kwargs,
+    )
+    executor.update_parameters(name=name)
+
+    # the job unpickles the trainer and imports the entry point from this repository
+    repo = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if repo not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([repo, *paths])
+
+    args.dist_url = get_init_file(args.job_dir).as_uri()
+    args.output_dir = args.job_dir
+    trainer = trainer_cls(args)
+    job = executor.submit(trainer)
+    print("Submitted job_id:", job.job_id)
+    return job
