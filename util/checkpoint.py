@@ -8,7 +8,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -72,12 +71,15 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "global" in line), None)
+        if detail is None:  # damaged bytes rather than a foreign object
+            raise CheckpointError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint "
+                                  f"(its data is damaged); use another copy or an older checkpoint") from None
         raise CheckpointError(
             f"refusing to load {path}: it contains pickled objects that could run code "
-            f"({detail.strip()}); only plain tensors and containers are accepted") from None
-    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+            f"({detail}); only plain tensors and containers are accepted") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse the file means "not a checkpoint"
         if is_url:
             raise CheckpointError(f"cannot fetch checkpoint {path}: {e}; check the URL and the network, "
                                   f"or download it and pass the local file") from None
@@ -193,7 +195,8 @@ def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
     best: Optional[Tuple[int, Path]] = None
     for p in find_checkpoints(output_dir):
         try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
             epoch = int(ckpt.get("epoch", -1))
         except Exception:  # an unreadable file is skipped; an older one may still be good
             log(f"skipping unreadable checkpoint {p}")
