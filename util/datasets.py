@@ -3,6 +3,7 @@ import multiprocessing
 import os
 from typing import Any, Callable, Optional
 
+import numpy as np
 import PIL
 from PIL import Image
 from timm.data import create_transform
@@ -19,8 +20,9 @@ class ImageFolder(datasets.ImageFolder):
     """torchvision ImageFolder that survives unreadable images.
 
     By default a sample whose file cannot be decoded is replaced by the next readable one and a
-    warning names the file (once per file and process); `skipped` counts them across loader
-    workers. With strict=True the first bad file raises a DataError naming it.
+    warning names the file once; `skipped` counts the distinct bad files seen by any loader
+    worker (a flag per file in shared memory). With strict=True the first bad file raises a
+    DataError naming it.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, strict: bool = False):
@@ -32,17 +34,12 @@ class ImageFolder(datasets.ImageFolder):
         except FileNotFoundError as e:
             raise DataError(f"no images in {root} ({e}); expected {root}/<class>/<image> files") from None
         self.strict = strict
-        self._skipped = multiprocessing.Value("i", 0)
-        self._warned: set = set()
+        self._bad = multiprocessing.Array("b", len(self.samples), lock=False)  # 1 = unreadable
 
     @property
     def skipped(self) -> int:
-        """Number of unreadable files replaced so far (all worker processes)."""
-        return self._skipped.value
-
-    def reset_skipped(self) -> None:
-        with self._skipped.get_lock():
-            self._skipped.value = 0
+        """Number of distinct unreadable files found so far (all loader workers)."""
+        return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
     def __getitem__(self, index: int) -> Any:
         for attempt in range(len(self.samples)):
@@ -54,10 +51,8 @@ class ImageFolder(datasets.ImageFolder):
                 if self.strict:
                     raise DataError(f"cannot read image {path}: {e}; remove or replace the file, "
                                     f"or drop --strict_data to skip bad files") from None
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                if path not in self._warned:
-                    self._warned.add(path)
+                if not self._bad[i]:
+                    self._bad[i] = 1
                     warn(f"skipping unreadable image {path}: {e}", force=True)
                 continue
             if self.transform is not None:

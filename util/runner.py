@@ -317,6 +317,15 @@ def _truncate_log(path: str, start_epoch: int) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Delete temporary checkpoint files a killed run left behind (never a finished checkpoint)."""
+    for p in Path(output_dir).glob(".checkpoint-*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                      optimizer: torch.optim.Optimizer, loss_scaler: Any, numbered: bool) -> None:
     """checkpoint-last.pth every epoch; checkpoint-{epoch}.pth too when `numbered` (a hard link)."""
@@ -353,6 +362,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
     log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
     if log_path and misc.is_main_process():
         _truncate_log(log_path, args.start_epoch)
+        remove_stale_temp_files(args.output_dir)
     if args.start_epoch >= args.epochs:
         log(f"Nothing to train: the run is already at epoch {args.start_epoch} of {args.epochs}.")
         return
@@ -366,7 +376,8 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
         test_stats = evaluate(epoch) if evaluate is not None else {}
         skipped = getattr(data_loader_train.dataset, "skipped", 0)
         if skipped:
-            warn(f"{skipped} unreadable image(s) were skipped so far")
+            warn(f"epoch {epoch}: {skipped} unreadable training image(s) skipped so far (see the warnings "
+                 f"above; --strict_data stops at the first)")
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
