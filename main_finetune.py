@@ -15,6 +15,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 import util.lr_decay as lrd
+import util.perf as perf
 import util.runner as runner
 from util.checkpoint import load_pretrained
 from util.datasets import build_transform
@@ -94,6 +95,7 @@ def main(args: argparse.Namespace) -> dict:
         # manually initialize fc layer
         trunc_normal_(model.head.weight, std=2e-5)
 
+    perf.configure(model, device.type, args.amp)
     model.to(device)
     model_without_ddp = model
     log("Model = %s" % str(model_without_ddp))
@@ -104,7 +106,7 @@ def main(args: argparse.Namespace) -> dict:
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    optimizer = perf.adamw(param_groups, args.lr, device)
     loss_scaler = runner.make_loss_scaler(args, device)
 
     if mixup_fn is not None:

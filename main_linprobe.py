@@ -11,6 +11,7 @@ import torch
 from timm.layers import trunc_normal_
 
 import models_vit
+import util.perf as perf
 import util.runner as runner
 from util.checkpoint import load_pretrained
 from util.datasets import linprobe_transform
@@ -54,6 +55,7 @@ def main(args: argparse.Namespace) -> dict:
     for _, p in model.head.named_parameters():
         p.requires_grad = True
 
+    perf.configure(model, device.type, args.amp)
     model.to(device)
     model_without_ddp = model
     log("Model = %s" % str(model_without_ddp))

@@ -11,11 +11,13 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 import models_mae
+import util.perf as perf
 import util.runner as runner
 from engine_pretrain import train_one_epoch
-from util.datasets import build_dataset, pretrain_transform
+from util.datasets import build_dataset, eval_transform, pretrain_transform
 from util.errors import UserError
 from util.logger import log
+from util.visualize import reconstruct, to_uint8
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_freq", default=20, type=int,
                         help="write checkpoint-{epoch}.pth every N epochs (and at the last); "
                              "checkpoint-last.pth is written every epoch")
+    parser.add_argument("--vis_freq", default=20, type=int,
+                        help="log reconstructions of 8 fixed training images to TensorBoard every N epochs "
+                             "(and at the last); 0 turns it off")
     return parser
 
 
@@ -42,6 +47,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.save_freq < 1:
         raise UserError(f"--save_freq must be at least 1, got {args.save_freq}")
+    if args.vis_freq < 0:
+        raise UserError(f"--vis_freq must be 0 (off) or more, got {args.vis_freq}")
+
+
+def fixed_images(dataset, input_size: int, n: int = 8) -> torch.Tensor:
+    """n training images spread over the set, resized and center-cropped (no random augmentation)."""
+    transform = eval_transform(input_size)
+    step = max(len(dataset) // n, 1)
+    picks = list(range(0, len(dataset), step))[:n]
+    return torch.stack([transform(dataset.loader(dataset.samples[i][0])) for i in picks])
+
+
+def log_reconstructions(log_writer, model: torch.nn.Module, images: torch.Tensor, epoch: int,
+                        mask_ratio: float, device: torch.device) -> None:
+    """Write the original | masked | reconstruction | pasted grid to TensorBoard as 'reconstruction'."""
+    grid = to_uint8(reconstruct(model, images.to(device), mask_ratio=mask_ratio, seed=0))
+    log_writer.add_image("reconstruction", grid, epoch, dataformats="HWC")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -57,6 +79,7 @@ def main(args: argparse.Namespace) -> None:
     log(dataset_train)
     data_loader_train = runner.train_loader(dataset_train, args)
 
+    perf.configure(model, device.type, args.amp)
     model.to(device)
     model_without_ddp = model
     log("Model = %s" % str(model_without_ddp))
@@ -65,18 +88,25 @@ def main(args: argparse.Namespace) -> None:
 
     # following timm: set wd as 0 for bias and norm layers
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = perf.adamw(param_groups, args.lr, device, betas=(0.9, 0.95))
     log(optimizer)
     loss_scaler = runner.make_loss_scaler(args, device)
 
     runner.resume(args, model_without_ddp, optimizer, loss_scaler)
     log_writer = runner.tensorboard_writer(args)
 
+    vis_images = fixed_images(dataset_train, args.input_size) if log_writer is not None and args.vis_freq else None
+
+    def train_and_show(epoch: int) -> dict:
+        stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                log_writer=log_writer, args=args)
+        if vis_images is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
+            log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, args.mask_ratio, device)
+        return stats
+
     runner.train_loop(
         args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
-        loss_scaler=loss_scaler, data_loader_train=data_loader_train,
-        train_one_epoch=lambda epoch: train_one_epoch(model, data_loader_train, optimizer, device, epoch,
-                                                      loss_scaler, log_writer=log_writer, args=args),
+        loss_scaler=loss_scaler, data_loader_train=data_loader_train, train_one_epoch=train_and_show,
         log_writer=log_writer, numbered_every=args.save_freq)
     if log_writer is not None:
         log_writer.close()

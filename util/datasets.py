@@ -5,8 +5,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import PIL
-from PIL import Image
-from timm.data import create_transform
+from PIL import Image, ImageOps
+from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
 
@@ -83,10 +83,27 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Callable] = Non
     return dataset
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+    """Posterize that keeps 0 bits as a black image (Pillow >= 13 rejects 0; timm asks for it at level 10)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    """RandAugment's PosterizeIncreasing reaches 0 bits at magnitude 10 (m9 + noise): make that work."""
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def build_transform(is_train: bool, args: Any) -> Callable:
     """Fine-tuning transforms: timm RandAugment/erasing pipeline, or resize + center crop."""
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if is_train:
+        _patch_timm_posterize()
         return create_transform(
             input_size=args.input_size,
             is_training=True,

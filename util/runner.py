@@ -88,6 +88,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     parser.set_defaults(auto_resume=True)
     parser.add_argument("--strict_data", action="store_true",
                         help="stop at the first unreadable image instead of skipping it with a warning")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the model (default: on for CUDA, off for CPU)")
+    parser.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile")
     parser.add_argument("--stop_epoch", default=None, type=int,
                         help="end this run before epoch N while keeping the --epochs schedule; "
                              "the same command without it resumes (for time-limited jobs)")
@@ -203,11 +206,19 @@ def check_input_size(input_size: int, model: torch.nn.Module) -> None:
 
 
 def wrap_ddp(model: torch.nn.Module, args: Any, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around model when running distributed (no unused-parameter search)."""
-    if not args.distributed:
-        return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    """DDP around the model when distributed (no unused-parameter search), then torch.compile if asked.
+
+    --compile defaults to on for CUDA (measured faster, see PRETRAIN.md) and off for CPU.
+    """
+    if args.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if getattr(args, "compile", None) is None:
+        args.compile = device.type == "cuda"
+    if args.compile:
+        log("Compiling the model with torch.compile (the first steps are slower)")
+        model = torch.compile(model)
+    return model
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,196 @@
+"""Training-step throughput of MAE pre-training and ViT fine-tuning on synthetic data.
+
+    python benchmark.py --mode pretrain --model mae_vit_base_patch16 --batch_size 8 --compare
+
+Reports images/s, achieved TFLOP/s from an analytic FLOP count, the matmul peak measured on the same
+device in the same run (fp32 and bf16), utilisation, and peak memory. `--baseline` runs the reference
+configuration (fp32 on CPU / fp16 + grad scaler on CUDA, default AdamW, a host sync every step,
+convolutional patch embedding, explicit attention); `--compare` runs the baseline and the defaults of
+the training scripts one after the other and prints the ratio.
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+from typing import Dict
+
+import torch
+
+import models_mae
+import models_vit
+import util.misc as misc
+import util.perf as perf
+from util.runner import autocast, resolve_amp
+
+
+# ----------------------------------------------------------------------------
+# analytic FLOPs (multiply-adds x 2), forward pass, per image
+
+def _block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
+    linear = 2 * tokens * dim * (3 * dim + dim + 2 * mlp_ratio * dim)  # qkv, proj, fc1 + fc2
+    attention = 2 * 2 * tokens * tokens * dim  # q @ k^T and attn @ v
+    return linear + attention
+
+
+def mae_flops(model: models_mae.MaskedAutoencoderViT, mask_ratio: float) -> float:
+    """Patch embedding on all patches, encoder on visible + cls, decoder on all tokens + cls."""
+    L = model.patch_embed.num_patches
+    keep = int(L * (1 - mask_ratio))
+    D = model.pos_embed.shape[-1]
+    Dd = model.decoder_pos_embed.shape[-1]
+    patch_dim = model.patch_embed.proj.weight[0].numel()
+    flops = 2 * L * patch_dim * D
+    flops += len(model.blocks) * _block_flops(1 + keep, D)
+    flops += 2 * (1 + keep) * D * Dd
+    flops += len(model.decoder_blocks) * _block_flops(1 + L, Dd)
+    flops += 2 * (1 + L) * Dd * model.decoder_pred.out_features
+    return flops
+
+
+def vit_flops(model: models_vit.VisionTransformer) -> float:
+    L = model.patch_embed.num_patches
+    D = model.embed_dim
+    patch_dim = model.patch_embed.proj.weight[0].numel()
+    return 2 * L * patch_dim * D + len(model.blocks) * _block_flops(1 + L, D) + 2 * D * model.head.out_features
+
+
+# ----------------------------------------------------------------------------
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured TFLOP/s of a square matmul on this device."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
+    """Time `args.steps` training steps of one configuration; return its numbers."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if baseline:
+        amp = "fp16" if device.type == "cuda" else "none"
+        attn, patch_embed, opt_impl, host_sync = "math", "conv", "default", True
+    else:
+        amp = resolve_amp(None if args.amp == "auto" else args.amp, device)
+        attn, patch_embed, opt_impl, host_sync = args.attn, args.patch_embed, args.optimizer, False
+
+    if args.mode == "pretrain":
+        model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=True)
+        flops = mae_flops(model, args.mask_ratio)
+    else:
+        model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=1000,
+                                        drop_path_rate=0.1, global_pool=True)
+        flops = vit_flops(model)
+    perf.configure(model, device.type, amp, attn=attn, patch_embed=patch_embed)
+    model.to(device).train()
+    optimizer = perf.adamw(model.parameters(), 1e-4, device, betas=(0.9, 0.95), impl=opt_impl)
+    scaler = misc.NativeScalerWithGradNormCount(device.type, enabled=amp == "fp16")
+    step_fn = model
+    if args.compile and not baseline:
+        step_fn = torch.compile(model)
+
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    def step() -> torch.Tensor:
+        with autocast(device, amp):
+            if args.mode == "pretrain":
+                loss = step_fn(x, mask_ratio=args.mask_ratio)[0]
+            else:
+                loss = torch.nn.functional.cross_entropy(step_fn(x), y)
+        scaler(loss, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if host_sync:
+            loss.item()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    img_s = args.batch_size * args.steps / seconds
+    tflops = 3 * flops * img_s / 1e12
+    mem = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    return {"config": "baseline" if baseline else "default", "amp": amp, "attn": attn, "patch_embed": patch_embed,
+            "optimizer": opt_impl, "compile": bool(args.compile and not baseline), "img_s": img_s,
+            "tflops": tflops, "gflops_per_img": 3 * flops / 1e9, "mem_gib": mem}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser("MAE / ViT training-step benchmark")
+    parser.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain")
+    parser.add_argument("--model", default=None, help="default: mae_vit_base_patch16 / vit_base_patch16")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "none"])
+    parser.add_argument("--attn", default="auto", choices=["auto", *perf.ATTN_IMPLS])
+    parser.add_argument("--patch_embed", default="auto", choices=["auto", "conv", "linear"])
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "forloop", "default"])
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the model (default: as the training scripts, on for CUDA)")
+    parser.add_argument("--no_compile", action="store_false", dest="compile")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--baseline", action="store_true", help="only the reference configuration")
+    parser.add_argument("--compare", action="store_true", help="baseline, then defaults, and their ratio")
+    parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    if args.model is None:
+        args.model = "mae_vit_base_patch16" if args.mode == "pretrain" else "vit_base_patch16"
+    device = torch.device(args.device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    torch.set_float32_matmul_precision("highest")
+
+    configs = [True, False] if args.compare else [args.baseline]
+    results = [run(args, baseline) for baseline in configs]
+    peaks = {}
+    if not args.no_peak:
+        peaks = {"peak_fp32_tflops": matmul_peak(device, torch.float32),
+                 "peak_bf16_tflops": matmul_peak(device, torch.bfloat16)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}, {args.mode} {args.model}, batch {args.batch_size}, {args.input_size}px")
+    if peaks:
+        print(f"measured matmul peak: fp32 {peaks['peak_fp32_tflops']:.2f} TFLOP/s, "
+              f"bf16 {peaks['peak_bf16_tflops']:.2f} TFLOP/s")
+    for r in results:
+        peak = peaks.get("peak_bf16_tflops" if r["amp"] in ("bf16", "fp16") else "peak_fp32_tflops")
+        r["utilisation"] = r["tflops"] / peak if peak else None
+        util_s = f", {100 * r['utilisation']:.0f}% of the {'bf16' if r['amp'] != 'none' else 'fp32'} peak" if peak else ""
+        print(f"{r['config']:>8}: {r['img_s']:8.1f} img/s, {r['tflops']:7.2f} TFLOP/s{util_s}, "
+              f"peak mem {r['mem_gib']:.2f} GiB  (amp {r['amp']}, attn {r['attn']}, patch_embed "
+              f"{r['patch_embed']}, optimizer {r['optimizer']}, compile {r['compile']})")
+    if len(results) == 2:
+        print(f"speed-up over baseline: {results[1]['img_s'] / results[0]['img_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": name, **peaks, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The fast paths (fused attention, patch embedding as a matmul, fused AdamW, bf16) keep the numbers."""
+import pytest
+import torch
+
+import models_mae
+import models_vit
+import util.perf as perf
+from util.runner import autocast
+
+STEPS = 30
+
+
+def _loss_curve(attn, patch_embed, opt_impl, amp):
+    torch.manual_seed(0)
+    model = models_mae.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
+                                            norm_pix_loss=True)
+    perf.set_attention(model, attn)
+    perf.set_patch_embed(model, patch_embed)
+    opt = perf.adamw(model.parameters(), 1e-3, torch.device("cpu"), betas=(0.9, 0.95), impl=opt_impl)
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randn(8, 3, 32, 32, generator=g)
+    losses = []
+    for step in range(STEPS):
+        noise = torch.rand(8, 16, generator=g)
+        with autocast(torch.device("cpu"), amp):
+            loss, _, _ = model(imgs, noise=noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def test_fast_fp32_path_matches_reference_path():
+    reference = _loss_curve("math", "conv", "forloop", "none")
+    fast = _loss_curve("sdpa", "linear", "fused", "none")
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    assert reference[-1] < reference[0] * 0.9  # it did learn
+
+
+def test_fast_bf16_path_follows_fp32_curve():
+    reference = _loss_curve("math", "conv", "forloop", "none")
+    fast = _loss_curve("math", "linear", "fused", "bf16")
+    assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
+    assert fast[-1] < fast[0] * 0.9
+
+
+@pytest.mark.parametrize("impl", ["conv", "linear"])
+def test_patch_embed_paths_agree_and_keep_keys(impl):
+    torch.manual_seed(0)
+    vit = models_vit.vit_tiny_patch16(img_size=32, num_classes=3)
+    keys = list(vit.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    expected = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # the convolution itself
+    perf.set_patch_embed(vit, impl)
+    torch.testing.assert_close(vit.patch_embed(x), expected, rtol=1e-5, atol=1e-5)
+    assert list(vit.state_dict()) == keys
+
+
+def test_attention_switch_reaches_every_block():
+    model = models_mae.mae_vit_tiny_patch16(img_size=32)
+    perf.set_attention(model, "math")
+    flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(flags) == 12 + 4 and not any(flags)
+    perf.set_attention(model, "sdpa")
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    with pytest.raises(ValueError):
+        perf.set_attention(model, "flash")
