@@ -95,12 +95,7 @@ def main(args: argparse.Namespace) -> dict:
         # manually initialize fc layer
         trunc_normal_(model.head.weight, std=2e-5)
 
-    perf.configure(model, device.type, args.amp)
-    model.to(device)
-    model_without_ddp = model
-    log("Model = %s" % str(model_without_ddp))
-    runner.scale_lr(args)
-    model = runner.wrap_ddp(model, args, device)
+    model, model_without_ddp = runner.prepare_model(model, args, device)
 
     # build optimizer with layer-wise lr decay (lrd)
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,

@@ -11,7 +11,6 @@ import torch
 from timm.layers import trunc_normal_
 
 import models_vit
-import util.perf as perf
 import util.runner as runner
 from util.checkpoint import load_pretrained
 from util.datasets import linprobe_transform
@@ -55,12 +54,7 @@ def main(args: argparse.Namespace) -> dict:
     for _, p in model.head.named_parameters():
         p.requires_grad = True
 
-    perf.configure(model, device.type, args.amp)
-    model.to(device)
-    model_without_ddp = model
-    log("Model = %s" % str(model_without_ddp))
-    runner.scale_lr(args)
-    model = runner.wrap_ddp(model, args, device)
+    model, model_without_ddp = runner.prepare_model(model, args, device)
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     log(optimizer)

@@ -79,12 +79,7 @@ def main(args: argparse.Namespace) -> None:
     log(dataset_train)
     data_loader_train = runner.train_loader(dataset_train, args)
 
-    perf.configure(model, device.type, args.amp)
-    model.to(device)
-    model_without_ddp = model
-    log("Model = %s" % str(model_without_ddp))
-    runner.scale_lr(args)
-    model = runner.wrap_ddp(model, args, device)
+    model, model_without_ddp = runner.prepare_model(model, args, device)
 
     # following timm: set wd as 0 for bias and norm layers
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)

@@ -38,6 +38,12 @@ def test_two_epochs_then_resume(image_folder, tmp_path):
     files = set(os.listdir(out))
     assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "args.json"} <= files
     assert any(f.startswith("events.out.tfevents") for f in files)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert {"train_loss", "lr"} <= set(events.Tags()["scalars"])
+    images = events.Images("reconstruction")  # the reconstruction grid, logged at the last epoch
+    assert [e.step for e in images] == [0, 1] and (images[0].width, images[0].height) == (4 * 32, 8 * 32)
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert set(rows[0]) == {"train_loss", "train_lr", "epoch"}

@@ -3,7 +3,6 @@ import argparse
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from timm.data import auto_augment
 

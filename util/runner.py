@@ -205,6 +205,18 @@ def check_input_size(input_size: int, model: torch.nn.Module) -> None:
                         f"use a multiple of {patch} (e.g. {max(patch, input_size // patch * patch)})")
 
 
+def prepare_model(model: torch.nn.Module, args: Any, device: torch.device):
+    """Fast-path choices, move to the device, lr from --blr, DDP / compile; return (model, model_without_ddp)."""
+    import util.perf as perf
+
+    perf.configure(model, device.type, args.amp)
+    model.to(device)
+    model_without_ddp = model
+    log("Model = %s" % str(model_without_ddp))
+    scale_lr(args)
+    return wrap_ddp(model, args, device), model_without_ddp
+
+
 def wrap_ddp(model: torch.nn.Module, args: Any, device: torch.device) -> torch.nn.Module:
     """DDP around the model when distributed (no unused-parameter search), then torch.compile if asked.
 
