@@ -56,7 +56,7 @@ def fixed_images(dataset, input_size: int, n: int = 8) -> torch.Tensor:
     transform = eval_transform(input_size)
     step = max(len(dataset) // n, 1)
     picks = list(range(0, len(dataset), step))[:n]
-    return torch.stack([transform(dataset.loader(dataset.samples[i][0])) for i in picks])
+    return torch.stack([transform(dataset.load(i)[0]) for i in picks])
 
 
 def log_reconstructions(log_writer, model: torch.nn.Module, images: torch.Tensor, epoch: int,

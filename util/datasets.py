@@ -41,12 +41,13 @@ class ImageFolder(datasets.ImageFolder):
         """Number of distinct unreadable files found so far (all loader workers)."""
         return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
-    def __getitem__(self, index: int) -> Any:
+    def load(self, index: int) -> Any:
+        """(PIL image, target) of sample `index`, or of the next readable one (see the class docstring)."""
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             path, target = self.samples[i]
             try:
-                sample = self.loader(path)
+                return self.loader(path), target
             except (OSError, ValueError, PIL.UnidentifiedImageError, Image.DecompressionBombError) as e:
                 if self.strict:
                     raise DataError(f"cannot read image {path}: {e}; remove or replace the file, "
@@ -54,13 +55,15 @@ class ImageFolder(datasets.ImageFolder):
                 if not self._bad[i]:
                     self._bad[i] = 1
                     warn(f"skipping unreadable image {path}: {e}", force=True)
-                continue
-            if self.transform is not None:
-                sample = self.transform(sample)
-            if self.target_transform is not None:
-                target = self.target_transform(target)
-            return sample, target
         raise DataError(f"no readable image in {self.root}")
+
+    def __getitem__(self, index: int) -> Any:
+        sample, target = self.load(index)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
 
 
 def split_folder(data_path: str, split: str) -> str:
