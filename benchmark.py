@@ -21,7 +21,7 @@ import models_mae
 import models_vit
 import util.misc as misc
 import util.perf as perf
-from util.runner import autocast, resolve_amp
+from util.runner import autocast, cpu_has_native_bf16, resolve_amp
 
 
 # ----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def vit_flops(model: models_vit.VisionTransformer) -> float:
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """Measured TFLOP/s of a square matmul on this device."""
     # CPUs without native bf16 emulate it slowly: keep their measurement short
-    n = 8192 if device.type == "cuda" else (1024 if dtype == torch.float32 or perf_native_bf16() else 256)
+    n = 8192 if device.type == "cuda" else (1024 if dtype == torch.float32 or cpu_has_native_bf16() else 256)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
@@ -72,11 +72,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def perf_native_bf16() -> bool:
-    from util.runner import cpu_has_native_bf16
-    return cpu_has_native_bf16()
 
 
 def sync(device: torch.device) -> None:

@@ -90,8 +90,7 @@ def main(args: argparse.Namespace) -> dict:
     mixup_fn = build_mixup(args)
 
     if args.finetune and not args.eval:
-        allowed = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if args.global_pool else set())
-        load_pretrained(model, args.finetune, allowed)
+        load_pretrained(model, args.finetune, args.global_pool)
         # manually initialize fc layer
         trunc_normal_(model.head.weight, std=2e-5)
 

@@ -40,8 +40,7 @@ def main(args: argparse.Namespace) -> dict:
         args, linprobe_transform(True, args.input_size), linprobe_transform(False, args.input_size))
 
     if args.finetune and not args.eval:
-        allowed = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if args.global_pool else set())
-        load_pretrained(model, args.finetune, allowed)
+        load_pretrained(model, args.finetune, args.global_pool)
         # manually initialize fc layer: following MoCo v3
         trunc_normal_(model.head.weight, std=0.01)
 

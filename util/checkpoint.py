@@ -9,7 +9,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -206,12 +206,12 @@ def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
     return best[1] if best else None
 
 
-def load_pretrained(model: torch.nn.Module, path: str, allowed_missing: Set[str]) -> None:
+def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> None:
     """Load an encoder from a pre-training (or fine-tuning) checkpoint for --finetune.
 
     Drops a head of another shape, resizes the position table to the model's grid, loads
-    non-strictly and checks that only keys in `allowed_missing` are absent; any other missing
-    key or a shape mismatch raises a CheckpointError naming them.
+    non-strictly and checks that only the head (and fc_norm with global_pool) may be absent;
+    any other missing key or a shape mismatch raises a CheckpointError naming them.
     """
     from util.pos_embed import interpolate_pos_embed
 
@@ -232,6 +232,7 @@ def load_pretrained(model: torch.nn.Module, path: str, allowed_missing: Set[str]
         interpolate_pos_embed(model, checkpoint_model)
 
     missing, unexpected, shapes = state_dict_mismatch(model, checkpoint_model)
+    allowed_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool else set())
     bad_missing = [k for k in missing if k not in allowed_missing]
     bad_unexpected = [k for k in unexpected if k.startswith(("blocks.", "patch_embed."))]
     if bad_missing or bad_unexpected or shapes:
