@@ -7,12 +7,22 @@ device in the same run (fp32 and bf16), utilisation, and peak memory. `--baselin
 configuration (fp32 on CPU / fp16 + grad scaler on CUDA, default AdamW, a host sync every step,
 convolutional patch embedding, explicit attention); `--compare` runs the baseline and the defaults of
 the training scripts one after the other and prints the ratio.
+
+    python benchmark.py --mode data --num_workers 10 --batch_size 256
+
+measures the input pipeline instead: JPEG decoding and the training augmentation through the training
+DataLoader, on `--data_path` (an ImageFolder root with train/) or on generated ImageNet-sized JPEGs, to
+compare with the model's img/s.
 """
 import argparse
+import itertools
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
+from multiprocessing import Pool
 from typing import Dict
 
 import torch
@@ -21,7 +31,7 @@ import models_mae
 import models_vit
 import util.misc as misc
 import util.perf as perf
-from util.runner import autocast, cpu_has_native_bf16, resolve_amp
+from util.runner import autocast, resolve_amp
 
 
 # ----------------------------------------------------------------------------
@@ -60,13 +70,18 @@ def vit_flops(model: models_vit.VisionTransformer) -> float:
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """Measured TFLOP/s of a square matmul on this device."""
     # CPUs without native bf16 emulate it slowly: keep their measurement short
-    n = 8192 if device.type == "cuda" else (1024 if dtype == torch.float32 or cpu_has_native_bf16() else 256)
+    if device.type == "cuda":
+        n = 8192
+    elif dtype == torch.float32 or perf.cpu_has_native_bf16():
+        n = 2048
+    else:
+        n = 256
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     sync(device)
-    reps = 20 if device.type == "cuda" else 3
+    reps = 20 if device.type == "cuda" else 5
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -89,6 +104,11 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
     else:
         amp = resolve_amp(None if args.amp == "auto" else args.amp, device)
         attn, patch_embed, opt_impl, host_sync = args.attn, args.patch_embed, args.optimizer, False
+        # what "auto" stands for, so the report names the choices that ran
+        attn = perf.default_attention(device.type, amp) if attn == "auto" else attn
+        patch_embed = perf.default_patch_embed(device.type) if patch_embed == "auto" else patch_embed
+        if opt_impl == "auto":
+            opt_impl = "fused" if perf.fused_adamw_supported(device) else "default"
 
     if args.mode == "pretrain":
         model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=True)
@@ -103,7 +123,7 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
     scaler = misc.NativeScalerWithGradNormCount(device.type, enabled=amp == "fp16")
     step_fn = model
     if args.compile and not baseline:
-        step_fn = torch.compile(model)
+        step_fn = torch.compile(model, mode=args.compile_mode)
 
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -139,9 +159,82 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
             "tflops": tflops, "gflops_per_img": 3 * flops / 1e9, "mem_gib": mem}
 
 
+# ----------------------------------------------------------------------------
+# input pipeline
+
+def _write_jpeg(job) -> None:
+    """One ImageNet-like JPEG (500x375, smooth content plus grain, ~110 kB at quality 90 like the ImageNet average)."""
+    import numpy as np
+    from PIL import Image
+
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+    arr = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 22, (375, 500, 3)).astype(np.int16)
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_jpeg_folder(root: str, images: int, classes: int = 10) -> str:
+    """root/train/<class>/<i>.jpg with `images` generated JPEGs; return root."""
+    jobs = []
+    for i in range(images):
+        d = os.path.join(root, "train", f"class{i % classes}")
+        os.makedirs(d, exist_ok=True)
+        jobs.append((os.path.join(d, f"{i}.jpg"), i))
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_write_jpeg, jobs)
+    return root
+
+
+def data_throughput(args: argparse.Namespace) -> Dict[str, float]:
+    """Images/s delivered by the training DataLoader (decode + augmentation + collate)."""
+    from util.datasets import ImageFolder, build_transform, pretrain_transform
+    from util.runner import train_loader
+
+    if args.transform == "pretrain":
+        transform = pretrain_transform(args.input_size)
+    else:  # the fine-tuning defaults: RandAugment, random erasing
+        transform = build_transform(True, argparse.Namespace(
+            input_size=args.input_size, color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
+            remode="pixel", recount=1))
+    dataset = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
+    loader = train_loader(dataset, argparse.Namespace(batch_size=args.batch_size, num_workers=args.num_workers,
+                                                      pin_mem=True, seed=0))
+
+    def batches():
+        for epoch in itertools.count():
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+
+    stream = batches()
+    for _ in range(args.warmup):  # worker start-up
+        next(stream)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        next(stream)
+    img_s = args.batch_size * args.steps / (time.perf_counter() - start)
+    return {"img_s": img_s, "img_s_per_worker": img_s / max(1, args.num_workers), "images": len(dataset)}
+
+
+def main_data(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        generated = args.data_path is None
+        if generated:
+            args.data_path = make_jpeg_folder(tmp, args.data_images)
+        r = data_throughput(args)
+        source = f"{args.data_images} generated 500x375 JPEGs" if generated else args.data_path
+        print(f"input pipeline: {source}, {args.transform} transform, {args.input_size}px, "
+              f"batch {args.batch_size}, {args.num_workers} workers")
+        print(f"    data: {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per worker)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "results": [r]}, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser("MAE / ViT training-step benchmark")
-    parser.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain")
+    parser.add_argument("--mode", choices=["pretrain", "finetune", "data"], default="pretrain",
+                        help="time a training step, or (data) the input pipeline")
     parser.add_argument("--model", default=None, help="default: mae_vit_base_patch16 / vit_base_patch16")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--input_size", type=int, default=224)
@@ -154,13 +247,23 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the model (default: as the training scripts, on for CUDA)")
     parser.add_argument("--no_compile", action="store_false", dest="compile")
+    parser.add_argument("--compile_mode", default=None,
+                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--baseline", action="store_true", help="only the reference configuration")
     parser.add_argument("--compare", action="store_true", help="baseline, then defaults, and their ratio")
     parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--data_path", default=None, help="data mode: ImageFolder root with train/ "
+                        "(default: generate --data_images JPEGs in a temporary folder)")
+    parser.add_argument("--data_images", type=int, default=1024)
+    parser.add_argument("--num_workers", type=int, default=10, help="data mode: DataLoader workers")
+    parser.add_argument("--transform", choices=["pretrain", "finetune"], default="pretrain",
+                        help="data mode: the augmentation to time")
     args = parser.parse_args()
+    if args.mode == "data":
+        return main_data(args)
     if args.model is None:
         args.model = "mae_vit_base_patch16" if args.mode == "pretrain" else "vit_base_patch16"
     device = torch.device(args.device)
@@ -180,9 +283,10 @@ def main() -> None:
         print(f"measured matmul peak: fp32 {peaks['peak_fp32_tflops']:.2f} TFLOP/s, "
               f"bf16 {peaks['peak_bf16_tflops']:.2f} TFLOP/s")
     for r in results:
-        peak = peaks.get("peak_bf16_tflops" if r["amp"] in ("bf16", "fp16") else "peak_fp32_tflops")
+        kind = "fp32" if r["amp"] == "none" else "bf16"
+        peak = peaks.get(f"peak_{kind}_tflops")
         r["utilisation"] = r["tflops"] / peak if peak else None
-        util_s = f", {100 * r['utilisation']:.0f}% of the {'bf16' if r['amp'] != 'none' else 'fp32'} peak" if peak else ""
+        util_s = f", {100 * r['utilisation']:.0f}% of the {kind} peak" if peak else ""
         print(f"{r['config']:>8}: {r['img_s']:8.1f} img/s, {r['tflops']:7.2f} TFLOP/s{util_s}, "
               f"peak mem {r['mem_gib']:.2f} GiB  (amp {r['amp']}, attn {r['attn']}, patch_embed "
               f"{r['patch_embed']}, optimizer {r['optimizer']}, compile {r['compile']})")

@@ -67,3 +67,28 @@ def test_attention_switch_reaches_every_block():
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
     with pytest.raises(ValueError):
         perf.set_attention(model, "flash")
+
+
+# flags lines as Linux prints them, trimmed to the interesting part
+_SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+_GENOA = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+_SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+_MILAN = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma bmi2 sha_ni\n"
+_GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+_GRAVITON2 = "processor\t: 0\nFeatures\t: fp asimd atomics\n"
+
+
+@pytest.mark.parametrize("cpuinfo, native", [(_SAPPHIRE_RAPIDS, True), (_GENOA, True), (_SKYLAKE, False),
+                                             (_MILAN, False), (_GRAVITON3, True), (_GRAVITON2, False), ("", False)])
+def test_native_bf16_read_from_cpu_flags(cpuinfo, native):
+    # AVX-512 without its BF16 extension only emulates bf16, which is slower than fp32: no bf16 default
+    assert perf.native_bf16_from_cpuinfo(cpuinfo) is native
+
+
+def test_cpu_default_precision_follows_native_bf16(monkeypatch):
+    from util.runner import resolve_amp
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: True)
+    assert resolve_amp(None, torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
+    assert resolve_amp(None, torch.device("cpu")) == "none"
+    assert resolve_amp("bf16", torch.device("cpu")) == "bf16"

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import util.misc as misc
+import util.perf as perf
 from util.checkpoint import atomic_save, find_latest_checkpoint, save_model, to_plain
 from util.errors import NonFiniteLossError, UserError
 from util.logger import log, warn
@@ -107,13 +108,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.is_bf16_supported())
-    except AttributeError:
-        return False
-
 
 def resolve_amp(amp: Optional[str], device: torch.device) -> str:
     """The --amp value in effect: the given one, or the device's default."""
@@ -121,7 +115,7 @@ def resolve_amp(amp: Optional[str], device: torch.device) -> str:
         return amp
     if device.type == "cuda":
         return "fp16"
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and perf.cpu_has_native_bf16():
         return "bf16"
     return "none"
 
@@ -207,7 +201,6 @@ def check_input_size(input_size: int, model: torch.nn.Module) -> None:
 
 def prepare_model(model: torch.nn.Module, args: Any, device: torch.device):
     """Fast-path choices, move to the device, lr from --blr, DDP / compile; return (model, model_without_ddp)."""
-    import util.perf as perf
 
     perf.configure(model, device.type, args.amp)
     model.to(device)
