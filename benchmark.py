@@ -89,6 +89,27 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
+def reset_cpu_peak_memory() -> None:
+    """Start a new resident-set high-water mark (Linux), so each configuration reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def cpu_peak_memory_gib() -> float:
+    """Peak resident set size of this process since the last reset (Linux), else since it started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -98,6 +119,7 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
     """Time `args.steps` training steps of one configuration; return its numbers."""
     device = torch.device(args.device)
     torch.manual_seed(0)
+    reset_cpu_peak_memory()
     if baseline:
         amp = "fp16" if device.type == "cuda" else "none"
         attn, patch_embed, opt_impl, host_sync = "math", "conv", "default", True
@@ -152,8 +174,7 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
     seconds = time.perf_counter() - start
     img_s = args.batch_size * args.steps / seconds
     tflops = 3 * flops * img_s / 1e12
-    mem = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else cpu_peak_memory_gib()
     return {"config": "baseline" if baseline else "default", "amp": amp, "attn": attn, "patch_embed": patch_embed,
             "optimizer": opt_impl, "compile": bool(args.compile and not baseline), "img_s": img_s,
             "tflops": tflops, "gflops_per_img": 3 * flops / 1e9, "mem_gib": mem}
