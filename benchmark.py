@@ -15,6 +15,7 @@ DataLoader, on `--data_path` (an ImageFolder root with train/) or on generated I
 compare with the model's img/s.
 """
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -31,6 +32,7 @@ import models_mae
 import models_vit
 import util.misc as misc
 import util.perf as perf
+from util.errors import UserError
 from util.runner import autocast, resolve_amp
 
 
@@ -107,7 +109,8 @@ def cpu_peak_memory_gib() -> float:
                     return int(line.split()[1]) / 2 ** 20  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kB elsewhere
+    return peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
 
 
 def sync(device: torch.device) -> None:
@@ -119,7 +122,6 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
     """Time `args.steps` training steps of one configuration; return its numbers."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    reset_cpu_peak_memory()
     if baseline:
         amp = "fp16" if device.type == "cuda" else "none"
         attn, patch_embed, opt_impl, host_sync = "math", "conv", "default", True
@@ -165,8 +167,12 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
     for _ in range(args.warmup):
         step()
     sync(device)
+    # peak memory of the timed steps (model, optimizer state and activations), as on CUDA
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        gc.collect()
+        reset_cpu_peak_memory()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -202,7 +208,8 @@ def make_jpeg_folder(root: str, images: int, classes: int = 10) -> str:
         d = os.path.join(root, "train", f"class{i % classes}")
         os.makedirs(d, exist_ok=True)
         jobs.append((os.path.join(d, f"{i}.jpg"), i))
-    with Pool(os.cpu_count()) as pool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with Pool(max(1, min(len(jobs), cores))) as pool:
         pool.map(_write_jpeg, jobs)
     return root
 
@@ -237,19 +244,25 @@ def data_throughput(args: argparse.Namespace) -> Dict[str, float]:
     return {"img_s": img_s, "img_s_per_worker": img_s / max(1, args.num_workers), "images": len(dataset)}
 
 
-def main_data(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        generated = args.data_path is None
-        if generated:
-            args.data_path = make_jpeg_folder(tmp, args.data_images)
-        r = data_throughput(args)
-        source = f"{args.data_images} generated 500x375 JPEGs" if generated else args.data_path
-        print(f"input pipeline: {source}, {args.transform} transform, {args.input_size}px, "
-              f"batch {args.batch_size}, {args.num_workers} workers")
-        print(f"    data: {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per worker)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "results": [r]}, f, indent=2)
+def main_data(args: argparse.Namespace) -> int:
+    source = args.data_path or f"{args.data_images} generated 500x375 JPEGs"
+    try:
+        if args.data_path is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = data_throughput(argparse.Namespace(**{**vars(args), "data_path": make_jpeg_folder(
+                    tmp, args.data_images)}))
+        else:
+            r = data_throughput(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"input pipeline: {source}, {args.transform} transform, {args.input_size}px, "
+          f"batch {args.batch_size}, {args.num_workers} workers")
+    print(f"    data: {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per worker)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "source": source, "results": [r]}, f, indent=2)
+    return 0
 
 
 def main() -> None:
@@ -304,9 +317,10 @@ def main() -> None:
         print(f"measured matmul peak: fp32 {peaks['peak_fp32_tflops']:.2f} TFLOP/s, "
               f"bf16 {peaks['peak_bf16_tflops']:.2f} TFLOP/s")
     for r in results:
-        kind = "fp32" if r["amp"] == "none" else "bf16"
-        peak = peaks.get(f"peak_{kind}_tflops")
+        # fp16 runs are set against the bf16 matmul peak: the same 16-bit tensor-core rate
+        peak = peaks.get("peak_fp32_tflops" if r["amp"] == "none" else "peak_bf16_tflops")
         r["utilisation"] = r["tflops"] / peak if peak else None
+        kind = "fp32" if r["amp"] == "none" else "16-bit"
         util_s = f", {100 * r['utilisation']:.0f}% of the {kind} peak" if peak else ""
         print(f"{r['config']:>8}: {r['img_s']:8.1f} img/s, {r['tflops']:7.2f} TFLOP/s{util_s}, "
               f"peak mem {r['mem_gib']:.2f} GiB  (amp {r['amp']}, attn {r['attn']}, patch_embed "

@@ -57,6 +57,21 @@ def test_data_mode_times_generated_jpegs(tmp_path):
     assert result["images"] == 8 and result["img_s"] > 0
 
 
+def test_data_mode_errors_are_one_line(tmp_path):
+    proc = run_script("benchmark.py", "--mode", "data", "--data_path", tmp_path / "missing", "--num_workers", 0,
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--data_path" in proc.stderr
+
+
+def test_cpu_peak_memory_sees_a_new_allocation():
+    benchmark.reset_cpu_peak_memory()
+    before = benchmark.cpu_peak_memory_gib()
+    block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    assert benchmark.cpu_peak_memory_gib() >= before + 60 / 1024
+    del block
+
+
 def test_generated_jpegs_are_imagenet_sized(tmp_path):
     root = benchmark.make_jpeg_folder(str(tmp_path), 3, classes=2)
     files = sorted((tmp_path / "train").rglob("*.jpg"))

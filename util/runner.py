@@ -108,7 +108,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-
 def resolve_amp(amp: Optional[str], device: torch.device) -> str:
     """The --amp value in effect: the given one, or the device's default."""
     if amp is not None:
@@ -201,7 +200,6 @@ def check_input_size(input_size: int, model: torch.nn.Module) -> None:
 
 def prepare_model(model: torch.nn.Module, args: Any, device: torch.device):
     """Fast-path choices, move to the device, lr from --blr, DDP / compile; return (model, model_without_ddp)."""
-
     perf.configure(model, device.type, args.amp)
     model.to(device)
     model_without_ddp = model
