@@ -219,7 +219,9 @@ def data_throughput(args: argparse.Namespace) -> Dict[str, float]:
     from util.datasets import ImageFolder, build_transform, pretrain_transform
     from util.runner import train_loader
 
-    if args.transform == "pretrain":
+    if args.transform == "pretrain":  # as main_pretrain.py: uint8 out, normalised on the device
+        transform = pretrain_transform(args.input_size, normalize=False)
+    elif args.transform == "pretrain-float":  # as the reference: normalised floats out of the workers
         transform = pretrain_transform(args.input_size)
     else:  # the fine-tuning defaults: RandAugment, random erasing
         transform = build_transform(True, argparse.Namespace(
@@ -293,8 +295,8 @@ def main() -> None:
                         "(default: generate --data_images JPEGs in a temporary folder)")
     parser.add_argument("--data_images", type=int, default=1024)
     parser.add_argument("--num_workers", type=int, default=10, help="data mode: DataLoader workers")
-    parser.add_argument("--transform", choices=["pretrain", "finetune"], default="pretrain",
-                        help="data mode: the augmentation to time")
+    parser.add_argument("--transform", choices=["pretrain", "pretrain-float", "finetune"], default="pretrain",
+                        help="data mode: the augmentation to time (pretrain-float: the reference's float output)")
     args = parser.parse_args()
     if args.mode == "data":
         return main_data(args)

@@ -8,6 +8,7 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
+from util.datasets import normalize_images
 from util.engine_utils import train_epoch
 
 
@@ -18,12 +19,14 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
 
     Args:
         model: MAE model (possibly DDP-wrapped) returning (loss, pred, mask).
-        data_loader: yields (images, labels); labels are ignored.
+        data_loader: yields (images, labels); labels are ignored. Images are normalised floats, or
+            uint8 (pretrain_transform(normalize=False)), normalised here on the device.
         loss_scaler: misc.NativeScalerWithGradNormCount (backward + step).
         log_writer: TensorBoard SummaryWriter or None (scalars 'train_loss' and 'lr').
         args: needs accum_iter, mask_ratio and the lr schedule fields; optional amp, print_freq.
     """
     def compute_loss(samples: torch.Tensor, _targets: Any) -> torch.Tensor:
+        samples = normalize_images(samples)  # uint8 batches are normalised here, on the device
         loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
         return loss
 

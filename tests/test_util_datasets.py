@@ -3,6 +3,7 @@ import argparse
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from timm.data import auto_augment
 
@@ -40,3 +41,44 @@ def test_folders_errors_and_classes(image_folder, tmp_path):
     assert x.shape == (3, 32, 32) and y == 1
     with pytest.raises(DataError, match="does not exist"):
         datasets.build_dataset(True, argparse.Namespace(data_path=str(tmp_path / "nope"), input_size=32))
+
+
+def test_uint8_pretrain_pipeline_is_bit_identical_to_float():
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    torch.manual_seed(5)
+    reference = datasets.pretrain_transform(48)(img)  # ToTensor + Normalize in the worker
+    torch.manual_seed(5)
+    raw = datasets.pretrain_transform(48, normalize=False)(img)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 48, 48)
+    batch = datasets.normalize_images(torch.stack([raw, raw]))
+    assert batch.dtype == torch.float32
+    assert torch.equal(batch[0], reference) and torch.equal(batch[1], reference)
+    assert datasets.normalize_images(reference) is reference  # float batches pass through
+
+
+def test_pretrain_engine_normalises_uint8_batches():
+    import engine_pretrain
+    import util.misc as misc
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x, mask_ratio=0.75):
+            seen.append(x)
+            return self.w * x.mean(), None, None
+
+    raw = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    args = argparse.Namespace(accum_iter=1, mask_ratio=0.75, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1,
+                              amp="none", print_freq=100)
+    model = Spy()
+    engine_pretrain.train_one_epoch(model, [(raw, torch.zeros(2))], torch.optim.SGD(model.parameters(), lr=0.0),
+                                    torch.device("cpu"), 0, misc.NativeScalerWithGradNormCount("cpu", enabled=False),
+                                    args=args)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], (raw.float() / 255 - mean) / std)

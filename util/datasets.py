@@ -5,6 +5,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import PIL
+import torch
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -134,14 +135,32 @@ def eval_transform(input_size: int) -> Callable:
     ])
 
 
-def pretrain_transform(input_size: int) -> Callable:
-    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise."""
-    return transforms.Compose([
+def pretrain_transform(input_size: int, normalize: bool = True) -> Callable:
+    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise.
+
+    With normalize=False the result stays a uint8 CHW tensor and `normalize_images` finishes the job
+    on the training device, with bit-identical results: loader workers skip the float conversion and
+    move a quarter of the bytes.
+    """
+    steps = [
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+    ]
+    if normalize:
+        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    else:
+        steps.append(transforms.PILToTensor())
+    return transforms.Compose(steps)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] images to floats in [0, 1] normalised with the ImageNet mean and std, as
+    ToTensor + Normalize compute them; float images are returned unchanged."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, -1, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def linprobe_transform(is_train: bool, input_size: int = 224) -> Callable:
