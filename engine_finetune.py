@@ -10,6 +10,7 @@ import torch
 from timm.data import Mixup
 
 import util.misc as misc
+from util.datasets import normalize_images
 from util.engine_utils import train_epoch
 from util.logger import log
 
@@ -22,12 +23,15 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
     Args:
         criterion: loss on (logits, targets); soft targets when mixup_fn is given.
+        data_loader: yields (images, targets); images are normalised floats, or uint8 normalised here
+            on the device (see util.datasets.normalize_images).
         max_norm: gradient clipping norm; None or 0 for no clipping.
         mixup_fn: timm Mixup/CutMix applied to each batch, or None.
         log_writer: TensorBoard SummaryWriter or None (scalars 'loss' and 'lr').
         args: needs accum_iter and the lr schedule fields; optional amp, print_freq.
     """
     def compute_loss(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        samples = normalize_images(samples)  # uint8 batches are normalised here, on the device
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         outputs = model(samples)
@@ -43,7 +47,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
     """Cross-entropy, top-1 and top-5 accuracy (percent) over the loader; every image counts once.
 
     Loss and accuracies are averaged per image, summed over processes, so a sharded evaluation
-    gives the same numbers as a single process.
+    gives the same numbers as a single process. uint8 images are normalised on the device.
     """
     from util.runner import autocast, resolve_amp
 
@@ -57,7 +61,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
     # switch to evaluation mode
     model.eval()
     for images, target in metric_logger.log_every(data_loader, 10, header):
-        images = images.to(device, non_blocking=True)
+        images = normalize_images(images.to(device, non_blocking=True))
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):
             output = model(images)

@@ -18,7 +18,7 @@ import util.lr_decay as lrd
 import util.perf as perf
 import util.runner as runner
 from util.checkpoint import load_pretrained
-from util.datasets import build_transform
+from util.datasets import build_transform, eval_transform
 from util.errors import UserError
 from util.logger import log
 
@@ -86,7 +86,8 @@ def main(args: argparse.Namespace) -> dict:
                                     global_pool=args.global_pool, img_size=args.input_size)
     runner.check_input_size(args.input_size, model)
     _, _, data_loader_train, data_loader_val = runner.classification_data(
-        args, build_transform(True, args), build_transform(False, args))
+        # validation images leave the loader as uint8 and are normalised on the device (engine_finetune)
+        args, build_transform(True, args), eval_transform(args.input_size, normalize=False))
     mixup_fn = build_mixup(args)
 
     if args.finetune and not args.eval:

@@ -82,3 +82,30 @@ def test_pretrain_engine_normalises_uint8_batches():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(seen[0], (raw.float() / 255 - mean) / std)
+
+
+@pytest.mark.parametrize("make", [lambda n: datasets.eval_transform(32, normalize=n),
+                                  lambda n: datasets.linprobe_transform(True, 32, normalize=n),
+                                  lambda n: datasets.linprobe_transform(False, 32, normalize=n)])
+def test_uint8_classification_transforms_are_bit_identical_to_float(make):
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    torch.manual_seed(2)
+    reference = make(True)(img)
+    torch.manual_seed(2)
+    raw = make(False)(img)
+    assert raw.dtype == torch.uint8
+    assert torch.equal(datasets.normalize_images(raw[None])[0], reference)
+
+
+def test_evaluate_gives_the_same_numbers_for_uint8_and_float_batches():
+    from engine_finetune import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 6))
+    raw = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    target = torch.tensor([0, 1, 2, 3, 4])
+    as_uint8 = evaluate([(raw, target)], model, torch.device("cpu"), amp="none")
+    as_float = evaluate([(datasets.normalize_images(raw), target)], model, torch.device("cpu"), amp="none")
+    assert as_uint8 == as_float
+    # and normalisation did happen: raw pixel values give other logits
+    assert as_uint8 != evaluate([(raw.float(), target)], model, torch.device("cpu"), amp="none")

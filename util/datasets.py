@@ -123,33 +123,14 @@ def build_transform(is_train: bool, args: Any) -> Callable:
     return eval_transform(args.input_size)
 
 
-def eval_transform(input_size: int) -> Callable:
-    """Resize the short side to input_size/crop_pct (bicubic), center-crop, normalise."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    size = int(input_size / crop_pct)
-    return transforms.Compose([
-        transforms.Resize(size, interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
-
-
-def pretrain_transform(input_size: int, normalize: bool = True) -> Callable:
-    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise.
-
-    With normalize=False the result stays a uint8 CHW tensor and `normalize_images` finishes the job
-    on the training device, with bit-identical results: loader workers skip the float conversion and
-    move a quarter of the bytes.
-    """
-    steps = [
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-        transforms.RandomHorizontalFlip(),
-    ]
+def _to_tensor(steps: list, normalize: bool) -> Callable:
+    """steps + ToTensor + Normalize, or steps + a uint8 tensor that `normalize_images` finishes on the
+    device with bit-identical results (loader workers skip the float maths and move a quarter of the
+    bytes)."""
     if normalize:
-        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        steps = steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     else:
-        steps.append(transforms.PILToTensor())
+        steps = steps + [transforms.PILToTensor()]
     return transforms.Compose(steps)
 
 
@@ -163,20 +144,31 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255).sub_(mean).div_(std)
 
 
-def linprobe_transform(is_train: bool, input_size: int = 224) -> Callable:
-    """Linear-probe transforms: single-draw random resized crop + flip, or resize 256/224 + crop."""
+def eval_transform(input_size: int, normalize: bool = True) -> Callable:
+    """Resize the short side to input_size/crop_pct (bicubic), center-crop, normalise (or uint8)."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    size = int(input_size / crop_pct)
+    return _to_tensor([
+        transforms.Resize(size, interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
+        transforms.CenterCrop(input_size),
+    ], normalize)
+
+
+def pretrain_transform(input_size: int, normalize: bool = True) -> Callable:
+    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise (or uint8)."""
+    return _to_tensor([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+        transforms.RandomHorizontalFlip(),
+    ], normalize)
+
+
+def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = True) -> Callable:
+    """Linear-probe transforms: single-draw random resized crop + flip, or resize 256/224 + crop;
+    normalised, or uint8."""
     from util.crop import RandomResizedCrop
 
     if is_train:
-        return transforms.Compose([
-            RandomResizedCrop(input_size, interpolation=BICUBIC),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-        ])
-    return transforms.Compose([
-        transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+        return _to_tensor([RandomResizedCrop(input_size, interpolation=BICUBIC),
+                           transforms.RandomHorizontalFlip()], normalize)
+    return _to_tensor([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
+                       transforms.CenterCrop(input_size)], normalize)
