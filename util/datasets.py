@@ -1,7 +1,7 @@
 """ImageFolder datasets and the transforms of pre-training, fine-tuning and linear probing."""
 import multiprocessing
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import PIL
@@ -134,13 +134,23 @@ def _to_tensor(steps: list, normalize: bool) -> Callable:
     return transforms.Compose(steps)
 
 
+_MEAN_STD: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a host-to-device copy every step would wait for the GPU
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, -1, 1, 1),
+                             torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, -1, 1, 1))
+    return _MEAN_STD[device]
+
+
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, H, W] images to floats in [0, 1] normalised with the ImageNet mean and std, as
     ToTensor + Normalize compute them; float images are returned unchanged."""
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, -1, 1, 1)
+    mean, std = _mean_std(images.device)
     return images.float().div_(255).sub_(mean).div_(std)
 
 
