@@ -190,7 +190,7 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
 # input pipeline
 
 def _write_jpeg(job) -> None:
-    """One ImageNet-like JPEG (500x375, smooth content plus grain, ~110 kB at quality 90 like the ImageNet average)."""
+    """One ImageNet-like JPEG: 500x375, smooth content plus grain, ~105 kB at quality 90."""
     import numpy as np
     from PIL import Image
 
