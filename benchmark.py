@@ -131,8 +131,7 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
         # what "auto" stands for, so the report names the choices that ran
         attn = perf.default_attention(device.type, amp) if attn == "auto" else attn
         patch_embed = perf.default_patch_embed(device.type) if patch_embed == "auto" else patch_embed
-        if opt_impl == "auto":
-            opt_impl = "fused" if perf.fused_adamw_supported(device) else "default"
+        opt_impl = perf.adamw_impl(opt_impl, device)
 
     if args.mode == "pretrain":
         model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=True)

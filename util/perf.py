@@ -84,12 +84,18 @@ def fused_adamw_supported(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def adamw_impl(impl: str, device: torch.device) -> str:
+    """The AdamW implementation that `impl` stands for on this device ('auto': fused where supported)."""
+    if impl != "auto":
+        return impl
+    return "fused" if fused_adamw_supported(device) else "default"
+
+
 def adamw(params: Iterable, lr: Optional[float], device: torch.device, betas=(0.9, 0.999),
           impl: str = "auto") -> torch.optim.AdamW:
     """AdamW: fused kernel where supported ('auto'), or 'foreach' / 'forloop' / 'default'."""
     kwargs = {}
-    if impl == "auto":
-        impl = "fused" if fused_adamw_supported(device) else "default"
+    impl = adamw_impl(impl, device)
     if impl == "fused":
         kwargs["fused"] = True
     elif impl == "foreach":
