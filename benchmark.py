@@ -30,10 +30,12 @@ import torch
 
 import models_mae
 import models_vit
-import util.misc as misc
 import util.perf as perf
+from util.datasets import ImageFolder, train_loader
 from util.errors import UserError
-from util.runner import autocast, resolve_amp
+from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
+from util.precision import NativeScalerWithGradNormCount, autocast, cpu_has_native_bf16, resolve_amp
+from util.transforms import build_transform, pretrain_transform
 
 
 # ----------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     # CPUs without native bf16 emulate it slowly: keep their measurement short
     if device.type == "cuda":
         n = 8192
-    elif dtype == torch.float32 or perf.cpu_has_native_bf16():
+    elif dtype == torch.float32 or cpu_has_native_bf16():
         n = 2048
     else:
         n = 256
@@ -127,23 +129,21 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
         attn, patch_embed, opt_impl, host_sync = "math", "conv", "default", True
     else:
         amp = resolve_amp(None if args.amp == "auto" else args.amp, device)
-        attn, patch_embed, opt_impl, host_sync = args.attn, args.patch_embed, args.optimizer, False
-        # what "auto" stands for, so the report names the choices that ran
-        attn = perf.default_attention(device.type, amp) if attn == "auto" else attn
-        patch_embed = perf.default_patch_embed(device.type) if patch_embed == "auto" else patch_embed
-        opt_impl = perf.adamw_impl(opt_impl, device)
+        # what "auto" stands for (as in the training scripts), so the report names the choices that ran
+        attn, patch_embed = perf.resolve_layers(device.type, amp, args.attn, args.patch_embed)
+        opt_impl, host_sync = perf.adamw_impl(args.optimizer, device), False
 
+    layers = dict(attn=attn, patch_embed=patch_embed)
     if args.mode == "pretrain":
-        model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=True)
+        model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=True, **layers)
         flops = mae_flops(model, args.mask_ratio)
     else:
         model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=1000,
-                                        drop_path_rate=0.1, global_pool=True)
+                                        drop_path_rate=0.1, global_pool=True, **layers)
         flops = vit_flops(model)
-    perf.configure(model, device.type, amp, attn=attn, patch_embed=patch_embed)
     model.to(device).train()
     optimizer = perf.adamw(model.parameters(), 1e-4, device, betas=(0.9, 0.95), impl=opt_impl)
-    scaler = misc.NativeScalerWithGradNormCount(device.type, enabled=amp == "fp16")
+    scaler = NativeScalerWithGradNormCount(device.type, enabled=amp == "fp16")
     step_fn = model
     if args.compile and not baseline:
         step_fn = torch.compile(model, mode=args.compile_mode)
@@ -215,9 +215,6 @@ def make_jpeg_folder(root: str, images: int, classes: int = 10) -> str:
 
 def data_throughput(args: argparse.Namespace) -> Dict[str, float]:
     """Images/s delivered by the training DataLoader (decode + augmentation + collate)."""
-    from util.datasets import ImageFolder, build_transform, pretrain_transform
-    from util.runner import train_loader
-
     if args.transform == "pretrain":  # as main_pretrain.py: uint8 out, normalised on the device
         transform = pretrain_transform(args.input_size, normalize=False)
     elif args.transform == "pretrain-float":  # as the reference: normalised floats out of the workers
@@ -227,8 +224,7 @@ def data_throughput(args: argparse.Namespace) -> Dict[str, float]:
             input_size=args.input_size, color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
             remode="pixel", recount=1))
     dataset = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
-    loader = train_loader(dataset, argparse.Namespace(batch_size=args.batch_size, num_workers=args.num_workers,
-                                                      pin_mem=True, seed=0))
+    loader = train_loader(dataset, args.batch_size, args.num_workers, pin_mem=True, seed=0)
 
     def batches():
         for epoch in itertools.count():
@@ -266,7 +262,8 @@ def main_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    """Run the benchmark the command line (or `argv`) asks for; return the exit code."""
     parser = argparse.ArgumentParser("MAE / ViT training-step benchmark")
     parser.add_argument("--mode", choices=["pretrain", "finetune", "data"], default="pretrain",
                         help="time a training step, or (data) the input pipeline")
@@ -276,9 +273,9 @@ def main() -> None:
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "none"])
-    parser.add_argument("--attn", default="auto", choices=["auto", *perf.ATTN_IMPLS])
-    parser.add_argument("--patch_embed", default="auto", choices=["auto", "conv", "linear"])
-    parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "forloop", "default"])
+    parser.add_argument("--attn", default="auto", choices=["auto", *ATTN_IMPLS])
+    parser.add_argument("--patch_embed", default="auto", choices=["auto", *PATCH_EMBED_IMPLS])
+    parser.add_argument("--optimizer", default="auto", choices=["auto", *perf.ADAMW_IMPLS])
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the model (default: as the training scripts, on for CUDA)")
     parser.add_argument("--no_compile", action="store_false", dest="compile")
@@ -296,7 +293,7 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=10, help="data mode: DataLoader workers")
     parser.add_argument("--transform", choices=["pretrain", "pretrain-float", "finetune"], default="pretrain",
                         help="data mode: the augmentation to time (pretrain-float: the reference's float output)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.mode == "data":
         return main_data(args)
     if args.model is None:
@@ -331,6 +328,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": name, **peaks, "results": results}, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from timm.data import Mixup
 
-import util.misc as misc
-from util.datasets import normalize_images
-from util.engine_utils import train_epoch
+from util.engine_loop import train_epoch
 from util.logger import log
+from util.metrics import MetricLogger, SmoothedValue
+from util.precision import autocast, resolve_amp
+from util.transforms import normalize_images
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -24,7 +25,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     Args:
         criterion: loss on (logits, targets); soft targets when mixup_fn is given.
         data_loader: yields (images, targets); images are normalised floats, or uint8 normalised here
-            on the device (see util.datasets.normalize_images).
+            on the device (see util.transforms.normalize_images).
         max_norm: gradient clipping norm; None or 0 for no clipping.
         mixup_fn: timm Mixup/CutMix applied to each batch, or None.
         log_writer: TensorBoard SummaryWriter or None (scalars 'loss' and 'lr').
@@ -49,14 +50,12 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
     Loss and accuracies are averaged per image, summed over processes, so a sharded evaluation
     gives the same numbers as a single process. uint8 images are normalised on the device.
     """
-    from util.runner import autocast, resolve_amp
-
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ")
     header = "Test:"
     amp = resolve_amp(amp, device)
     for name in ("loss", "acc1", "acc5"):  # every rank holds every meter, even with an empty shard
-        metric_logger.add_meter(name, misc.SmoothedValue())
+        metric_logger.add_meter(name, SmoothedValue())
 
     # switch to evaluation mode
     model.eval()

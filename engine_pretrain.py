@@ -8,8 +8,8 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
-from util.datasets import normalize_images
-from util.engine_utils import train_epoch
+from util.engine_loop import train_epoch
+from util.transforms import normalize_images
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -20,8 +20,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     Args:
         model: MAE model (possibly DDP-wrapped) returning (loss, pred, mask).
         data_loader: yields (images, labels); labels are ignored. Images are normalised floats, or
-            uint8 (pretrain_transform(normalize=False)), normalised here on the device.
-        loss_scaler: misc.NativeScalerWithGradNormCount (backward + step).
+            uint8 (util.transforms.pretrain_transform(normalize=False)), normalised here on the device.
+        loss_scaler: util.precision.NativeScalerWithGradNormCount (backward + step).
         log_writer: TensorBoard SummaryWriter or None (scalars 'train_loss' and 'lr').
         args: needs accum_iter, mask_ratio and the lr schedule fields; optional amp, print_freq.
     """

@@ -14,54 +14,59 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
+import util.cli as cli
 import util.lr_decay as lrd
 import util.perf as perf
 import util.runner as runner
 from util.checkpoint import load_pretrained
-from util.datasets import build_transform, eval_transform
+from util.classification import classification_data, run_classification
 from util.errors import UserError
 from util.logger import log
+from util.precision import make_loss_scaler
+from util.transforms import build_transform, eval_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Fine-tuning flags (reference names and defaults, plus ours)."""
-    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=False)
-    runner.add_common_args(
+    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=False,
+                                     description="Fine-tune a pre-trained MAE encoder for image classification.")
+    g = cli.add_common_args(
         parser, batch_size=64, epochs=50, model="vit_large_patch16", weight_decay=0.05, blr=1e-3,
-        min_lr=1e-6, warmup_epochs=5,
-        model_help="Name of model to train (one of: " + ", ".join(models_vit.model_names()) + ")")
-    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="Drop path rate (default: 0.1)")
-    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
-                        help="Clip gradient norm (default: None, no clipping)")
-    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+        min_lr=1e-6, warmup_epochs=5, extra_groups=("augmentation", "random erase", "mixup", "classification"),
+        model_help="name of the model to train (one of: " + ", ".join(models_vit.model_names()) + ")")
+    g["model"].add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
+    g["optimizer"].add_argument("--clip_grad", type=float, default=None, metavar="NORM",
+                                help="clip the gradient norm to NORM (default: no clipping)")
+    g["optimizer"].add_argument("--layer_decay", type=float, default=0.75,
+                                help="layer-wise lr decay (from ELECTRA / BEiT)")
 
-    # Augmentation parameters
-    parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
-                        help="Color jitter factor (enabled only when not using Auto/RandAug)")
-    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-                        help='Use AutoAugment policy. "v0" or "original". " + "(default: rand-m9-mstd0.5-inc1)')
-    parser.add_argument("--smoothing", type=float, default=0.1, help="Label smoothing (default: 0.1)")
+    aug = g["augmentation"]
+    aug.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                     help="color jitter factor (used only without Auto/RandAugment)")
+    aug.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                     help='AutoAugment / RandAugment policy, e.g. "v0", "original" or a rand-... string')
+    aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
 
-    # * Random Erase params
-    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="Random erase prob (default: 0.25)")
-    parser.add_argument("--remode", type=str, default="pixel", help='Random erase mode (default: "pixel")')
-    parser.add_argument("--recount", type=int, default=1, help="Random erase count (default: 1)")
-    parser.add_argument("--resplit", action="store_true", default=False,
-                        help="Do not random erase first (clean) augmentation split")
+    erase = g["random erase"]
+    erase.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase probability")
+    erase.add_argument("--remode", type=str, default="pixel", help='random erase mode ("pixel", "rand", "const")')
+    erase.add_argument("--recount", type=int, default=1, help="random erase count")
+    erase.add_argument("--resplit", action="store_true", default=False,
+                       help="do not random-erase the first (clean) augmentation split")
 
-    # * Mixup params
-    parser.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0.")
-    parser.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0.")
-    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
-                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)")
-    parser.add_argument("--mixup_prob", type=float, default=1.0,
-                        help="Probability of performing mixup or cutmix when either/both is enabled")
-    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
-                        help="Probability of switching to cutmix when both mixup and cutmix enabled")
-    parser.add_argument("--mixup_mode", type=str, default="batch",
-                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+    mix = g["mixup"]
+    mix.add_argument("--mixup", type=float, default=0, help="mixup alpha; mixup is on when > 0")
+    mix.add_argument("--cutmix", type=float, default=0, help="cutmix alpha; cutmix is on when > 0")
+    mix.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                     help="cutmix min/max ratio; overrides alpha and turns cutmix on when set")
+    mix.add_argument("--mixup_prob", type=float, default=1.0,
+                     help="probability of performing mixup or cutmix when either/both is on")
+    mix.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                     help="probability of switching to cutmix when both mixup and cutmix are on")
+    mix.add_argument("--mixup_mode", type=str, default="batch",
+                     help='how to apply mixup/cutmix params: per "batch", "pair" or "elem"')
 
-    runner.add_classification_args(parser, global_pool=True)
+    cli.add_classification_args(g, global_pool=True)
     return parser
 
 
@@ -83,9 +88,10 @@ def main(args: argparse.Namespace) -> dict:
     device = runner.setup(args)
 
     model = models_vit.create_model(args.model, num_classes=args.nb_classes, drop_path_rate=args.drop_path,
-                                    global_pool=args.global_pool, img_size=args.input_size)
+                                    global_pool=args.global_pool, img_size=args.input_size, attn=args.attn,
+                                    patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
-    _, _, data_loader_train, data_loader_val = runner.classification_data(
+    _, _, data_loader_train, data_loader_val = classification_data(
         # validation images leave the loader as uint8 and are normalised on the device (engine_finetune)
         args, build_transform(True, args), eval_transform(args.input_size, normalize=False))
     mixup_fn = build_mixup(args)
@@ -95,14 +101,14 @@ def main(args: argparse.Namespace) -> dict:
         # manually initialize fc layer
         trunc_normal_(model.head.weight, std=2e-5)
 
-    model, model_without_ddp = runner.prepare_model(model, args, device)
+    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
 
     # build optimizer with layer-wise lr decay (lrd)
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
     optimizer = perf.adamw(param_groups, args.lr, device)
-    loss_scaler = runner.make_loss_scaler(args, device)
+    loss_scaler = make_loss_scaler(args.amp, device)
 
     if mixup_fn is not None:
         # smoothing is handled with mixup label transform
@@ -113,11 +119,11 @@ def main(args: argparse.Namespace) -> dict:
         criterion = torch.nn.CrossEntropyLoss()
     log("criterion = %s" % str(criterion))
 
-    return runner.run_classification(
+    return run_classification(
         args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
         criterion=criterion, device=device, data_loader_train=data_loader_train,
         data_loader_val=data_loader_val, mixup_fn=mixup_fn, max_norm=args.clip_grad)
 
 
 if __name__ == "__main__":
-    sys.exit(runner.launch(main, get_args_parser().parse_args()))
+    sys.exit(cli.launch(main, cli.command_line_parser(get_args_parser()).parse_args()))

@@ -11,21 +11,25 @@ import torch
 from timm.layers import trunc_normal_
 
 import models_vit
+import util.cli as cli
 import util.runner as runner
 from util.checkpoint import load_pretrained
-from util.datasets import linprobe_transform
+from util.classification import classification_data, run_classification
 from util.lars import LARS
 from util.logger import log
+from util.precision import make_loss_scaler
+from util.transforms import linprobe_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Linear-probing flags (reference names and defaults, plus ours)."""
-    parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=False)
-    runner.add_common_args(
+    parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=False,
+                                     description="Train a linear classifier on a frozen MAE encoder.")
+    g = cli.add_common_args(
         parser, batch_size=512, epochs=90, model="vit_large_patch16", weight_decay=0.0, blr=0.1,
-        min_lr=0.0, warmup_epochs=10,
-        model_help="Name of model to train (one of: " + ", ".join(models_vit.model_names()) + ")")
-    runner.add_classification_args(parser, global_pool=False)
+        min_lr=0.0, warmup_epochs=10, extra_groups=("classification",),
+        model_help="name of the model to train (one of: " + ", ".join(models_vit.model_names()) + ")")
+    cli.add_classification_args(g, global_pool=False)
     return parser
 
 
@@ -34,9 +38,9 @@ def main(args: argparse.Namespace) -> dict:
     device = runner.setup(args)
 
     model = models_vit.create_model(args.model, num_classes=args.nb_classes, global_pool=args.global_pool,
-                                    img_size=args.input_size)
+                                    img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
-    _, _, data_loader_train, data_loader_val = runner.classification_data(
+    _, _, data_loader_train, data_loader_val = classification_data(
         # uint8 out of the loaders, normalised on the device (engine_finetune): same numbers, faster loading
         args, linprobe_transform(True, args.input_size, normalize=False),
         linprobe_transform(False, args.input_size, normalize=False))
@@ -55,19 +59,19 @@ def main(args: argparse.Namespace) -> dict:
     for _, p in model.head.named_parameters():
         p.requires_grad = True
 
-    model, model_without_ddp = runner.prepare_model(model, args, device)
+    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     log(optimizer)
-    loss_scaler = runner.make_loss_scaler(args, device)
+    loss_scaler = make_loss_scaler(args.amp, device)
     criterion = torch.nn.CrossEntropyLoss()
     log("criterion = %s" % str(criterion))
 
-    return runner.run_classification(
+    return run_classification(
         args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
         criterion=criterion, device=device, data_loader_train=data_loader_train,
         data_loader_val=data_loader_val, mixup_fn=None, max_norm=None)
 
 
 if __name__ == "__main__":
-    sys.exit(runner.launch(main, get_args_parser().parse_args()))
+    sys.exit(cli.launch(main, cli.command_line_parser(get_args_parser()).parse_args()))

@@ -11,33 +11,38 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 import models_mae
+import util.cli as cli
 import util.perf as perf
 import util.runner as runner
 from engine_pretrain import train_one_epoch
-from util.datasets import build_dataset, eval_transform, pretrain_transform
+from util.datasets import build_dataset, train_loader
 from util.errors import UserError
 from util.logger import log
+from util.precision import make_loss_scaler
+from util.resume import restore
+from util.transforms import eval_transform, pretrain_transform
 from util.visualize import reconstruct, to_uint8
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Pre-training flags (reference names and defaults, plus ours)."""
-    parser = argparse.ArgumentParser("MAE pre-training", add_help=False)
-    runner.add_common_args(
+    parser = argparse.ArgumentParser("MAE pre-training", add_help=False,
+                                     description="Pre-train a masked autoencoder on an ImageFolder.")
+    g = cli.add_common_args(
         parser, batch_size=64, epochs=400, model="mae_vit_large_patch16", weight_decay=0.05,
         blr=1e-3, min_lr=0.0, warmup_epochs=40,
-        model_help="Name of model to train (one of: " + ", ".join(models_mae.model_names()) + ")")
-    parser.add_argument("--mask_ratio", default=0.75, type=float,
-                        help="Masking ratio (percentage of removed patches).")
-    parser.add_argument("--norm_pix_loss", action="store_true",
-                        help="Use (per-patch) normalized pixels as targets for computing loss")
+        model_help="name of the model to train (one of: " + ", ".join(models_mae.model_names()) + ")")
+    g["model"].add_argument("--mask_ratio", default=0.75, type=float,
+                            help="masking ratio (fraction of removed patches)")
+    g["model"].add_argument("--norm_pix_loss", action="store_true",
+                            help="use (per-patch) normalized pixels as targets for computing the loss")
     parser.set_defaults(norm_pix_loss=False)
-    parser.add_argument("--save_freq", default=20, type=int,
-                        help="write checkpoint-{epoch}.pth every N epochs (and at the last); "
-                             "checkpoint-last.pth is written every epoch")
-    parser.add_argument("--vis_freq", default=20, type=int,
-                        help="log reconstructions of 8 fixed training images to TensorBoard every N epochs "
-                             "(and at the last); 0 turns it off")
+    g["ours"].add_argument("--save_freq", default=20, type=int, metavar="N",
+                           help="write checkpoint-{epoch}.pth every N epochs (and at the last); "
+                                "checkpoint-last.pth is written every epoch")
+    g["ours"].add_argument("--vis_freq", default=20, type=int, metavar="N",
+                           help="log reconstructions of 8 fixed training images to TensorBoard every N epochs "
+                                "(and at the last); 0 turns it off")
     return parser
 
 
@@ -72,24 +77,25 @@ def main(args: argparse.Namespace) -> None:
     device = runner.setup(args)
 
     # define the model first: a wrong name or size fails before any data is read
-    model = models_mae.create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
+    model = models_mae.create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size,
+                                    attn=args.attn, patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
 
     # uint8 out of the loader, normalised on the device (engine_pretrain): same numbers, faster loading
     dataset_train = build_dataset(True, args, transform=pretrain_transform(args.input_size, normalize=False))
     log(dataset_train)
-    data_loader_train = runner.train_loader(dataset_train, args)
+    data_loader_train = train_loader(dataset_train, args.batch_size, args.num_workers, args.pin_mem, args.seed)
 
-    model, model_without_ddp = runner.prepare_model(model, args, device)
+    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
 
     # following timm: set wd as 0 for bias and norm layers
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = perf.adamw(param_groups, args.lr, device, betas=(0.9, 0.95))
     log(optimizer)
-    loss_scaler = runner.make_loss_scaler(args, device)
+    loss_scaler = make_loss_scaler(args.amp, device)
 
-    runner.resume(args, model_without_ddp, optimizer, loss_scaler)
-    log_writer = runner.tensorboard_writer(args)
+    restore(args, model_without_ddp, optimizer, loss_scaler)
+    log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch)
 
     vis_images = fixed_images(dataset_train, args.input_size) if log_writer is not None and args.vis_freq else None
 
@@ -109,4 +115,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(runner.launch(main, get_args_parser().parse_args()))
+    sys.exit(cli.launch(main, cli.command_line_parser(get_args_parser()).parse_args()))

@@ -9,9 +9,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from util.layers import patch_embed_layer, use_attention
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import lookup, names, register
 
@@ -19,16 +19,22 @@ MODELS: Dict[str, Callable] = {}
 
 
 class MaskedAutoencoderViT(nn.Module):
-    """Masked autoencoder with a ViT encoder and a narrow ViT decoder that predicts pixels."""
+    """Masked autoencoder with a ViT encoder and a narrow ViT decoder that predicts pixels.
+
+    The reference's arguments, plus how to compute two layers (same parameters and maths either way;
+    util/perf.py picks the faster per device): `attn` 'sdpa' (fused) or 'math' (explicit softmax), and
+    `patch_embed` 'conv' (timm's convolution) or 'linear' (patchify + one matmul).
+    """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False):
+                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
+                 attn: str = "sdpa", patch_embed: str = "conv"):
         super().__init__()
         # --------------------------------------------------------------------------
         # MAE encoder specifics
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = patch_embed_layer(patch_embed)(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -56,6 +62,7 @@ class MaskedAutoencoderViT(nn.Module):
         p_h, p_w = self.patch_embed.patch_size
         self.decoder_pred = nn.Linear(decoder_embed_dim, p_h * p_w * in_chans, bias=True)
         # --------------------------------------------------------------------------
+        use_attention([*self.blocks, *self.decoder_blocks], attn)
 
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
@@ -253,12 +260,8 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderViT:
                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
 
 
-# recommended aliases, as module attributes so that models_mae.__dict__[name] finds them
-mae_vit_tiny_patch16 = mae_vit_tiny_patch16_dec128d4b
-mae_vit_small_patch16 = mae_vit_small_patch16_dec256d4b
-mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
-mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
-mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
+# the aliases become module attributes too, so that models_mae.__dict__[name] finds every name
+globals().update(MODELS)
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:

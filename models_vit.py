@@ -10,6 +10,7 @@ from typing import Callable, Dict
 import torch.nn as nn
 import timm.models.vision_transformer
 
+from util.layers import patch_embed_layer, use_attention
 from util.registry import lookup, names, register
 
 MODELS: Dict[str, Callable] = {}
@@ -20,14 +21,17 @@ class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
 
     global_pool=True: mean of the patch tokens (cls excluded), then `fc_norm`; no final `norm`.
     global_pool=False: final `norm`, then the cls token.
+    `attn` ('sdpa' or 'math') and `patch_embed` ('conv' or 'linear') choose how attention and the patch
+    embedding are computed (same parameters and maths; see util/layers.py).
     """
 
-    def __init__(self, global_pool: bool = False, **kwargs):
+    def __init__(self, global_pool: bool = False, attn: str = "sdpa", patch_embed: str = "conv", **kwargs):
         if isinstance(global_pool, str):  # timm-style value passed through
             global_pool = global_pool == "avg"
         kwargs.setdefault("fc_norm", None)
+        kwargs.setdefault("embed_layer", patch_embed_layer(patch_embed))
         super().__init__(global_pool="avg" if global_pool else "token", **kwargs)
-        self.use_global_pool = bool(global_pool)
+        use_attention(self.blocks, attn)
 
 
 def _build(defaults: dict, kwargs: dict) -> VisionTransformer:

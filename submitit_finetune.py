@@ -1,13 +1,13 @@
 """Submit fine-tuning to SLURM (or run it locally) through submitit.
 
 Flags: those of main_finetune.py plus --ngpus, --nodes, --timeout, --job_dir, --partition,
---use_volta32, --comment and --cluster. See util/launcher.py.
+--use_volta32, --comment and --cluster. See util/submit.py.
 """
 import sys
 
 import main_finetune as trainer
-import util.launcher as launcher
-from util.runner import launch
+import util.submit as launcher
+from util.cli import launch
 
 
 def parse_args(argv=None):

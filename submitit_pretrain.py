@@ -1,13 +1,13 @@
 """Submit MAE pre-training to SLURM (or run it locally) through submitit.
 
 Flags: those of main_pretrain.py plus --ngpus, --nodes, --timeout, --job_dir, --partition,
---use_volta32, --comment and --cluster. See util/launcher.py.
+--use_volta32, --comment and --cluster. See util/submit.py.
 """
 import sys
 
 import main_pretrain as trainer
-import util.launcher as launcher
-from util.runner import launch
+import util.submit as launcher
+from util.cli import launch
 
 
 def parse_args(argv=None):

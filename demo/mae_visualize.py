@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
 from util.errors import CheckpointError, DataError, UserError  # noqa: E402
-from util.runner import launch  # noqa: E402
+from util.cli import launch  # noqa: E402
 from util.visualize import reconstruct, to_uint8  # noqa: E402
 
 

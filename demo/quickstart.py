@@ -80,7 +80,7 @@ def read_log(output_dir: str) -> List[dict]:
 def save_reconstruction(checkpoint: str, data_dir: str, path: str, n: int = 6) -> None:
     """Reconstructions of n validation digits (one per row), enlarged 3x."""
     import torch
-    from util.datasets import eval_transform
+    from util.transforms import eval_transform
     from util.visualize import reconstruct, to_uint8
     sys.path.insert(0, os.path.join(ROOT, "demo"))
     from mae_visualize import load_mae

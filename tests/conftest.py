@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo root on sys.path, tiny generated image folders."""
+"""Shared fixtures: the repo root on sys.path, tiny generated image folders, one pre-trained tiny MAE."""
 import os
 import sys
 
@@ -29,6 +29,30 @@ def make_image_folder(root, classes=2, per_class=4, size=32, splits=("train", "v
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def cls_data(tmp_path_factory):
+    """3 classes: 12 training images, 7 validation images (which do not divide evenly over 2 processes)."""
+    root = tmp_path_factory.mktemp("cls")
+    make_image_folder(root / "data", classes=3, per_class=4, size=32, splits=("train",))
+    make_image_folder(root / "val_tmp", classes=3, per_class=3, size=32, splits=("val",), seed=1)
+    os.rename(root / "val_tmp" / "val", root / "data" / "val")
+    os.remove(root / "data" / "val" / "class2" / "2.png")
+    os.remove(root / "data" / "val" / "class1" / "2.png")
+    return str(root / "data")
+
+
+@pytest.fixture(scope="session")
+def pretrained(cls_data, tmp_path_factory):
+    """checkpoint-0.pth of one epoch of main_pretrain.py (mae_vit_tiny_patch16, 32 px) on cls_data."""
+    import main_pretrain
+    from helpers import TINY_PRETRAIN, run_entry
+
+    out = tmp_path_factory.mktemp("pre")
+    run_entry(main_pretrain, *TINY_PRETRAIN, "--data_path", cls_data, "--epochs", "1", "--output_dir", out,
+              "--log_dir", "")
+    return out / "checkpoint-0.pth"
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_mae  # noqa: E402
 import util.misc as misc  # noqa: E402
-import util.runner as runner  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
+from util.runner import wrap_model  # noqa: E402
 
 PER_PROCESS = 3
 
@@ -41,7 +41,7 @@ def main(out_path: str) -> None:
     model = ContentMaskedMAE(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2,
                              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     model_without_ddp = model
-    model = runner.wrap_ddp(model, args, torch.device("cpu"))
+    model = wrap_model(model, torch.device("cpu"), args.distributed, compile=False)
     optimizer = torch.optim.AdamW(model_without_ddp.parameters(), lr=1e-3, betas=(0.9, 0.95))
     targs = argparse.Namespace(accum_iter=1, mask_ratio=0.75, lr=1e-3, min_lr=0.0, warmup_epochs=0,
                                epochs=1, amp="none", print_freq=1)

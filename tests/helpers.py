@@ -1,11 +1,35 @@
-"""Helpers for end-to-end tests: run an entry point as a subprocess, read its outputs."""
+"""Helpers for end-to-end tests: run an entry point in this process or as a subprocess, read its outputs."""
+import contextlib
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import torch
+import torch.nn as nn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_entry(module, *args, check=True):
+    """Run an entry point's command line (`python main_x.py args...`) in this process.
+
+    The same parser and `cli.launch` as the script's __main__, without paying for a new interpreter;
+    returns a CompletedProcess with the exit code and the captured stdout / stderr.
+    """
+    import util.cli as cli
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.launch(module.main, cli.command_line_parser(module.get_args_parser()).parse_args(argv))
+    proc = subprocess.CompletedProcess([module.__name__, *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{module.__name__} exited {code}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def run_script(script, *args, timeout=240, env=None, check=True, cwd=ROOT):
@@ -45,5 +69,28 @@ def read_log(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def load(path):
+    """A checkpoint file, loaded safely."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 TINY_PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "4",
                  "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu", "--print_freq", "2"]
+TINY_CLS = ["--model", "vit_tiny_patch16", "--input_size", "32", "--batch_size", "4", "--warmup_epochs", "1",
+            "--num_workers", "0", "--device", "cpu", "--print_freq", "2"]
+
+
+def tiny_net(seed):
+    """A three-layer net with a LayerNorm, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+
+
+def trained_optimizer(model):
+    """AdamW after two steps on random data (non-empty state)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.95))
+    for _ in range(2):
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt

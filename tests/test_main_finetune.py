@@ -1,5 +1,8 @@
-"""End-to-end tests of main_finetune.py, main_linprobe.py and engine_finetune.py on tiny data."""
-import os
+"""End-to-end tests of main_finetune.py, main_linprobe.py and engine_finetune.py on tiny data.
+
+Entry points run in this process (helpers.run_entry) from the session's pre-trained tiny MAE
+(conftest.pretrained); the --dist_eval check runs under torchrun.
+"""
 import re
 
 import pytest
@@ -7,41 +10,14 @@ import torch
 
 import main_finetune
 import main_linprobe
-from conftest import make_image_folder
-from helpers import TINY_PRETRAIN, read_log, run_script, run_torchrun
-
-TINY_CLS = ["--model", "vit_tiny_patch16", "--input_size", "32", "--batch_size", "4", "--warmup_epochs", "1",
-            "--num_workers", "0", "--device", "cpu", "--print_freq", "2"]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+import main_pretrain
+from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry, run_torchrun
 
 
 def acc_line(stdout):
     m = re.findall(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)", stdout)
     assert m, stdout[-2000:]
     return tuple(float(x) for x in m[-1])
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cls")
-    make_image_folder(root / "data", classes=3, per_class=4, size=32, splits=("train",))
-    # 7 validation images over 3 classes: does not divide evenly over 2 processes
-    make_image_folder(root / "val_tmp", classes=3, per_class=3, size=32, splits=("val",), seed=1)
-    os.rename(root / "val_tmp" / "val", root / "data" / "val")
-    os.remove(root / "data" / "val" / "class2" / "2.png")
-    os.remove(root / "data" / "val" / "class1" / "2.png")
-    return str(root / "data")
-
-
-@pytest.fixture(scope="module")
-def pretrained(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre")
-    run_script("main_pretrain.py", *TINY_PRETRAIN, "--data_path", data, "--epochs", "1",
-               "--output_dir", out, "--log_dir", out)
-    return out / "checkpoint-0.pth"
 
 
 def test_reference_defaults():
@@ -61,13 +37,14 @@ def test_reference_defaults():
     assert not hasattr(lp, "mixup") and not hasattr(lp, "drop_path") and not hasattr(lp, "layer_decay")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("extra", [[], ["--cls_token"], ["--mixup", "0.8", "--cutmix", "1.0"],
                                    ["--cls_token", "--cutmix", "1.0", "--clip_grad", "1.0"]],
                          ids=["gap", "cls", "gap-mixup", "cls-cutmix-clip"])
-def test_finetune_end_to_end(data, pretrained, tmp_path, extra):
+def test_finetune_end_to_end(cls_data, pretrained, tmp_path, extra):
     out = tmp_path / "ft"
-    proc = run_script("main_finetune.py", *TINY_CLS, "--data_path", data, "--nb_classes", "3", "--epochs", "1",
-                      "--finetune", pretrained, "--output_dir", out, "--log_dir", out, *extra)
+    proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1",
+                     "--finetune", pretrained, "--output_dir", out, "--log_dir", out, *extra)
     assert "Load pre-trained checkpoint" in proc.stdout
     if "--cls_token" in extra:
         assert "missing_keys=['head.weight', 'head.bias']" in proc.stdout
@@ -85,18 +62,19 @@ def test_finetune_end_to_end(data, pretrained, tmp_path, extra):
     assert not torch.equal(pre["blocks.0.attn.qkv.weight"], ckpt["model"]["blocks.0.attn.qkv.weight"])
 
     # --eval --resume reproduces the logged test accuracy
-    proc = run_script("main_finetune.py", *TINY_CLS, "--data_path", data, "--nb_classes", "3", "--eval",
-                      "--resume", out / "checkpoint-0.pth", "--output_dir", "", *extra)
+    proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--eval",
+                     "--resume", out / "checkpoint-0.pth", "--output_dir", "", *extra)
     acc1, acc5, loss = acc_line(proc.stdout)
     assert acc1 == pytest.approx(rows[0]["test_acc1"], abs=1e-3)
     assert loss == pytest.approx(rows[0]["test_loss"], abs=2e-3)
     assert "Accuracy of the network on the 7 test images" in proc.stdout
 
 
-def test_linprobe_keeps_encoder_bitwise(data, pretrained, tmp_path):
+@pytest.mark.e2e
+def test_linprobe_keeps_encoder_bitwise(cls_data, pretrained, tmp_path):
     out = tmp_path / "lp"
-    run_script("main_linprobe.py", *TINY_CLS, "--data_path", data, "--nb_classes", "3", "--epochs", "2",
-               "--finetune", pretrained, "--output_dir", out, "--log_dir", out)
+    run_entry(main_linprobe, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "2",
+              "--finetune", pretrained, "--output_dir", out, "--log_dir", out)
     pre, ckpt = load(pretrained)["model"], load(out / "checkpoint-last.pth")
     model = ckpt["model"]
     encoder = [k for k in pre if k in model]
@@ -110,33 +88,38 @@ def test_linprobe_keeps_encoder_bitwise(data, pretrained, tmp_path):
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
 
-def test_finetune_from_other_input_size_interpolates(data, tmp_path):
+@pytest.mark.e2e
+def test_finetune_from_other_input_size_interpolates(cls_data, tmp_path):
     pre = tmp_path / "pre48"
-    run_script("main_pretrain.py", *TINY_PRETRAIN, "--input_size", "48", "--data_path", data, "--epochs", "1",
-               "--output_dir", pre, "--log_dir", pre)
-    proc = run_script("main_finetune.py", *TINY_CLS, "--data_path", data, "--nb_classes", "3", "--epochs", "1",
-                      "--finetune", pre / "checkpoint-0.pth", "--output_dir", "", "--log_dir", "")
+    run_entry(main_pretrain, *TINY_PRETRAIN, "--input_size", "48", "--data_path", cls_data, "--epochs", "1",
+              "--output_dir", pre, "--log_dir", pre)
+    proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1",
+                     "--finetune", pre / "checkpoint-0.pth", "--output_dir", "", "--log_dir", "")
     assert "Position interpolate from 3x3 to 2x2" in proc.stdout
 
 
-def test_wrong_checkpoint_names_keys(data, tmp_path):
+@pytest.mark.e2e
+def test_wrong_checkpoint_names_keys(cls_data, tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(3), "fc.weight": torch.zeros(2, 2)}}, bad)
-    proc = run_script("main_finetune.py", *TINY_CLS, "--data_path", data, "--nb_classes", "3", "--epochs", "1",
-                      "--finetune", bad, "--output_dir", "", "--log_dir", "", check=False)
+    proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1",
+                     "--finetune", bad, "--output_dir", "", "--log_dir", "", check=False)
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in proc.stderr
     assert "missing keys: cls_token" in err[0] and str(bad) in err[0]
 
 
-def test_dist_eval_counts_each_image_once(data, pretrained, tmp_path):
-    out = tmp_path / "ft"
-    run_script("main_finetune.py", *TINY_CLS, "--data_path", data, "--nb_classes", "3", "--epochs", "1",
-               "--finetune", pretrained, "--output_dir", out, "--log_dir", "")
-    args = [*TINY_CLS, "--data_path", data, "--nb_classes", "3", "--eval", "--resume", out / "checkpoint-0.pth",
-            "--output_dir", "", "--batch_size", "2"]
-    single = acc_line(run_script("main_finetune.py", *args).stdout)
+@pytest.mark.e2e
+def test_dist_eval_counts_each_image_once(cls_data, pretrained, tmp_path):
+    # the pre-training checkpoint as a classifier: its encoder and a fresh (seeded) head
+    model = main_finetune.models_vit.vit_tiny_patch16(img_size=32, num_classes=3, global_pool=True)
+    main_finetune.load_pretrained(model, str(pretrained), global_pool=True)
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a head that ranks the classes
+    torch.save({"model": model.state_dict()}, tmp_path / "classifier.pth")
+    args = [*TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--eval", "--resume",
+            tmp_path / "classifier.pth", "--output_dir", "", "--batch_size", "2"]
+    single = acc_line(run_entry(main_finetune, *args).stdout)
     proc = run_torchrun(2, "main_finetune.py", *args, "--dist_eval")
     assert "does not divide evenly" in proc.stderr
     dist = acc_line(proc.stdout)

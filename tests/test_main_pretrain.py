@@ -1,19 +1,20 @@
-"""End-to-end tests of main_pretrain.py and engine_pretrain.py on a tiny generated ImageFolder."""
+"""End-to-end tests of main_pretrain.py and engine_pretrain.py on a tiny generated ImageFolder.
+
+Runs of the entry point happen in this process (helpers.run_entry: the script's own parser and
+cli.launch); torchrun runs are real processes.
+"""
 import argparse
+import json
 import os
 
 import pytest
 import torch
 
 import engine_pretrain
-import util.engine_utils as engine_utils
 import main_pretrain
+import util.engine_loop as engine_loop
 import util.misc as misc
-from helpers import TINY_PRETRAIN, read_log, run_script, run_torchrun
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+from helpers import TINY_PRETRAIN, load, read_log, run_entry, run_torchrun
 
 
 def test_reference_flags_and_defaults():
@@ -30,10 +31,11 @@ def test_reference_flags_and_defaults():
     assert not any("-h" in a.option_strings for a in main_pretrain.get_args_parser()._actions)
 
 
+@pytest.mark.e2e
 def test_two_epochs_then_resume(image_folder, tmp_path):
     out = tmp_path / "out"
     common = [*TINY_PRETRAIN, "--data_path", image_folder, "--output_dir", out, "--log_dir", out]
-    proc = run_script("main_pretrain.py", *common, "--epochs", "2")
+    proc = run_entry(main_pretrain, *common, "--epochs", "2")
     assert "effective batch size: 4" in proc.stdout
     files = set(os.listdir(out))
     assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "args.json"} <= files
@@ -52,32 +54,33 @@ def test_two_epochs_then_resume(image_folder, tmp_path):
     assert isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "mae_vit_tiny_patch16"
 
     # explicit --resume of epoch 1 continues at epoch 2
-    proc = run_script("main_pretrain.py", *common, "--epochs", "3", "--resume", out / "checkpoint-1.pth")
+    proc = run_entry(main_pretrain, *common, "--epochs", "3", "--resume", out / "checkpoint-1.pth")
     assert "Epoch: [2]" in proc.stdout and "Epoch: [1]" not in proc.stdout
     assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
 
     # auto-resume: same command again, nothing left to do, nothing changes
     before = load(out / "checkpoint-last.pth")["model"]
-    proc = run_script("main_pretrain.py", *common, "--epochs", "3")
+    proc = run_entry(main_pretrain, *common, "--epochs", "3")
     assert "Auto-resuming from" in proc.stdout and "Nothing to train" in proc.stdout
     after = load(out / "checkpoint-last.pth")["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
 
     # auto-resume with more epochs continues; --no_auto_resume starts over
-    proc = run_script("main_pretrain.py", *common, "--epochs", "4")
+    proc = run_entry(main_pretrain, *common, "--epochs", "4")
     assert "Epoch: [3]" in proc.stdout and "Epoch: [2]" not in proc.stdout
-    proc = run_script("main_pretrain.py", *common, "--epochs", "1", "--no_auto_resume")
+    proc = run_entry(main_pretrain, *common, "--epochs", "1", "--no_auto_resume")
     assert "Epoch: [0]" in proc.stdout and "Auto-resuming" not in proc.stdout
 
 
+@pytest.mark.e2e
 def test_exact_resume_is_bitwise_identical(image_folder, tmp_path):
     common = [*TINY_PRETRAIN, "--data_path", image_folder, "--amp", "none", "--epochs", "4"]
     a, b = tmp_path / "a", tmp_path / "b"
-    run_script("main_pretrain.py", *common, "--output_dir", a, "--log_dir", a)
-    run_script("main_pretrain.py", *common, "--output_dir", b, "--log_dir", b, "--stop_epoch", "2")
+    run_entry(main_pretrain, *common, "--output_dir", a, "--log_dir", a)
+    run_entry(main_pretrain, *common, "--output_dir", b, "--log_dir", b, "--stop_epoch", "2")
     assert load(b / "checkpoint-last.pth")["epoch"] == 1
-    run_script("main_pretrain.py", *common, "--output_dir", b, "--log_dir", b)
+    run_entry(main_pretrain, *common, "--output_dir", b, "--log_dir", b)
     wa, wb = load(a / "checkpoint-last.pth"), load(b / "checkpoint-last.pth")
     assert wa["epoch"] == wb["epoch"] == 3
     for k in wa["model"]:
@@ -85,10 +88,12 @@ def test_exact_resume_is_bitwise_identical(image_folder, tmp_path):
     assert read_log(a) == read_log(b)
 
 
-def test_output_dir_empty_disables_saving(image_folder, tmp_path):
+@pytest.mark.e2e
+def test_output_dir_empty_disables_saving(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     before = set(os.listdir(tmp_path))
-    proc = run_script("main_pretrain.py", *TINY_PRETRAIN, "--data_path", image_folder, "--epochs", "1",
-                      "--output_dir", "", "--log_dir", "", cwd=tmp_path)
+    proc = run_entry(main_pretrain, *TINY_PRETRAIN, "--data_path", image_folder, "--epochs", "1",
+                     "--output_dir", "", "--log_dir", "")
     assert "Training time" in proc.stdout
     assert set(os.listdir(tmp_path)) == before
 
@@ -115,13 +120,13 @@ def test_accum_iter_steps_and_lr_every_second_iteration(monkeypatch):
             return self.lin(x.flatten(1)[:, :2]).pow(2).mean(), None, None
 
     calls = []
-    real = engine_utils.lr_sched.adjust_learning_rate
+    real = engine_loop.lr_sched.adjust_learning_rate
 
     def spy(optimizer, epoch, args):
         calls.append(epoch)
         return real(optimizer, epoch, args)
 
-    monkeypatch.setattr(engine_utils.lr_sched, "adjust_learning_rate", spy)
+    monkeypatch.setattr(engine_loop.lr_sched, "adjust_learning_rate", spy)
     opt = _CountingOptimizer(model.parameters())
     loader = [(torch.randn(2, 2), torch.zeros(2)) for _ in range(6)]
     args = argparse.Namespace(accum_iter=2, mask_ratio=0.75, lr=0.1, min_lr=0.0, warmup_epochs=1, epochs=2,
@@ -154,6 +159,7 @@ def test_nonfinite_loss_raises_with_epoch_step_lr():
     assert "epoch 5, step 2" in str(e.value) and "lr" in str(e.value)
 
 
+@pytest.mark.e2e
 def test_torchrun_two_processes_runs(image_folder, tmp_path):
     out = tmp_path / "ddp"
     proc = run_torchrun(2, "main_pretrain.py", *TINY_PRETRAIN, "--batch_size", "2", "--data_path", image_folder,
@@ -164,19 +170,37 @@ def test_torchrun_two_processes_runs(image_folder, tmp_path):
     assert len(load(out / "checkpoint-last.pth")["rng"]) == 2
 
 
+@pytest.mark.e2e
 def test_ddp_step_equals_single_process_double_batch(tmp_path):
+    import ddp_pretrain_step
+    from ddp_pretrain_step import ContentMaskedMAE
+
     one, two = tmp_path / "one.pth", tmp_path / "two.pth"
-    run_script("tests/ddp_pretrain_step.py", one)
-    run_torchrun(2, "tests/ddp_pretrain_step.py", two)
+    ddp_pretrain_step.main(str(one))  # one process, batch 2b, here
+    run_torchrun(2, "tests/ddp_pretrain_step.py", two)  # two processes, batch b each
     a, b = load(one), load(two)
-    init = None
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     # and the step did change the weights
     torch.manual_seed(0)
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from ddp_pretrain_step import ContentMaskedMAE
     init = ContentMaskedMAE(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2,
                             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).state_dict()
     assert not torch.equal(init["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.e2e
+def test_args_json_records_the_settings_in_effect(image_folder, tmp_path):
+    out = tmp_path / "out"
+    common = [*TINY_PRETRAIN, "--data_path", image_folder, "--output_dir", out, "--log_dir", "",
+              "--blr", "2e-3", "--accum_iter", "2"]
+    run_entry(main_pretrain, *common, "--epochs", "1")
+    run_entry(main_pretrain, *common, "--epochs", "2")  # auto-resumes from checkpoint-last.pth (epoch 0)
+    with open(out / "args.json") as f:
+        recorded = json.load(f)
+    # resolved values, not the flags' defaults: lr from --blr x effective batch / 256, device, precision, ...
+    assert recorded["lr"] == pytest.approx(2e-3 * 4 * 2 / 256)
+    assert recorded["resume"] == str(out / "checkpoint-last.pth") and recorded["start_epoch"] == 1
+    assert (recorded["device"], recorded["compile"], recorded["patch_embed"]) == ("cpu", False, "linear")
+    assert recorded["amp"] in ("none", "bf16") and recorded["attn"] in ("sdpa", "math")
+    # and they are exactly the args stored in the checkpoint that run wrote
+    assert load(out / "checkpoint-last.pth")["args"] == recorded

@@ -1,36 +1,11 @@
-"""util/datasets.py: folders, transforms, and RandAugment at its highest magnitude."""
+"""util/datasets.py: folders, errors, and the training / validation loaders."""
 import argparse
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from timm.data import auto_augment
 
 import util.datasets as datasets
-from util.errors import DataError
-
-
-def test_randaugment_posterize_at_level_10_does_not_crash():
-    args = argparse.Namespace(input_size=32, color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
-                              remode="pixel", recount=1)
-    datasets.build_transform(True, args)  # installs the posterize that accepts 0 bits
-    img = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
-    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
-    out = np.asarray(op(img))
-    assert out.shape == (32, 32, 3) and out.max() == 0  # 0 bits kept: black, as older Pillow gave
-    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)
-    assert np.asarray(op(img)).max() == 192  # 2 bits kept: 200 -> 0b11000000
-
-
-def test_eval_transform_sizes():
-    img = Image.fromarray(np.zeros((50, 80, 3), dtype=np.uint8))
-    assert datasets.eval_transform(32)(img).shape == (3, 32, 32)
-    # 224/256 crop ratio: the short side is resized to int(32 / 0.875) = 36 before the crop
-    assert datasets.eval_transform(32).transforms[0].size == 36
-    assert datasets.eval_transform(256).transforms[0].size == 256
-    assert datasets.linprobe_transform(False, 224).transforms[0].size == 256
-    assert datasets.pretrain_transform(48)(img).shape == (3, 48, 48)
+from util.errors import DataError, UserError
 
 
 def test_folders_errors_and_classes(image_folder, tmp_path):
@@ -43,69 +18,27 @@ def test_folders_errors_and_classes(image_folder, tmp_path):
         datasets.build_dataset(True, argparse.Namespace(data_path=str(tmp_path / "nope"), input_size=32))
 
 
-def test_uint8_pretrain_pipeline_is_bit_identical_to_float():
-    rng = np.random.default_rng(3)
-    img = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
-    torch.manual_seed(5)
-    reference = datasets.pretrain_transform(48)(img)  # ToTensor + Normalize in the worker
-    torch.manual_seed(5)
-    raw = datasets.pretrain_transform(48, normalize=False)(img)
-    assert raw.dtype == torch.uint8 and raw.shape == (3, 48, 48)
-    batch = datasets.normalize_images(torch.stack([raw, raw]))
-    assert batch.dtype == torch.float32
-    assert torch.equal(batch[0], reference) and torch.equal(batch[1], reference)
-    assert datasets.normalize_images(reference) is reference  # float batches pass through
+def test_train_loader_shards_shuffles_per_epoch_and_drops_the_last_batch(image_folder):
+    ds = datasets.build_dataset(True, argparse.Namespace(data_path=image_folder), transform=lambda img: 0)
+    loader = datasets.train_loader(ds, batch_size=3, num_workers=0, pin_mem=False, seed=0)
+    assert len(loader) == 2 and loader.drop_last  # 8 images, batches of 3
+    loader.sampler.set_epoch(0)
+    first = list(loader.sampler)
+    loader.sampler.set_epoch(1)
+    assert sorted(first) == list(range(8)) and list(loader.sampler) != first
+    with pytest.raises(UserError, match="fewer than one batch"):
+        datasets.train_loader(ds, batch_size=9, num_workers=0, pin_mem=False, seed=0)
 
 
-def test_pretrain_engine_normalises_uint8_batches():
-    import engine_pretrain
-    import util.misc as misc
-
-    seen = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, x, mask_ratio=0.75):
-            seen.append(x)
-            return self.w * x.mean(), None, None
-
-    raw = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    args = argparse.Namespace(accum_iter=1, mask_ratio=0.75, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1,
-                              amp="none", print_freq=100)
-    model = Spy()
-    engine_pretrain.train_one_epoch(model, [(raw, torch.zeros(2))], torch.optim.SGD(model.parameters(), lr=0.0),
-                                    torch.device("cpu"), 0, misc.NativeScalerWithGradNormCount("cpu", enabled=False),
-                                    args=args)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    torch.testing.assert_close(seen[0], (raw.float() / 255 - mean) / std)
+def test_eval_loader_keeps_every_image_in_order(image_folder):
+    ds = datasets.build_dataset(False, argparse.Namespace(data_path=image_folder, input_size=32))
+    loader = datasets.eval_loader(ds, batch_size=3, num_workers=0, pin_mem=False, dist_eval=True)
+    targets = torch.cat([y for _, y in loader])
+    assert targets.tolist() == [y for _, y in ds.samples]
 
 
-@pytest.mark.parametrize("make", [lambda n: datasets.eval_transform(32, normalize=n),
-                                  lambda n: datasets.linprobe_transform(True, 32, normalize=n),
-                                  lambda n: datasets.linprobe_transform(False, 32, normalize=n)])
-def test_uint8_classification_transforms_are_bit_identical_to_float(make):
-    img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (50, 60, 3), dtype=np.uint8))
-    torch.manual_seed(2)
-    reference = make(True)(img)
-    torch.manual_seed(2)
-    raw = make(False)(img)
-    assert raw.dtype == torch.uint8
-    assert torch.equal(datasets.normalize_images(raw[None])[0], reference)
-
-
-def test_evaluate_gives_the_same_numbers_for_uint8_and_float_batches():
-    from engine_finetune import evaluate
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 6))
-    raw = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
-    target = torch.tensor([0, 1, 2, 3, 4])
-    as_uint8 = evaluate([(raw, target)], model, torch.device("cpu"), amp="none")
-    as_float = evaluate([(datasets.normalize_images(raw), target)], model, torch.device("cpu"), amp="none")
-    assert as_uint8 == as_float
-    # and normalisation did happen: raw pixel values give other logits
-    assert as_uint8 != evaluate([(raw.float(), target)], model, torch.device("cpu"), amp="none")
+def test_shard_sampler_counts_every_index_once():
+    ds = list(range(7))
+    shards = [list(datasets.ShardSampler(ds, 3, r)) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(datasets.ShardSampler(ds, 3, r)) for r in range(3)] == [3, 2, 2]

@@ -1,7 +1,7 @@
-"""Checkpoint files: atomic writes, safe (weights-only) loading, resume helpers.
+"""Checkpoint files: atomic writes, safe (weights-only) loading, key checks, finding the newest one.
 
 A checkpoint is a dict with `model`, `optimizer`, `epoch`, `scaler` and `args` (a plain dict),
-the reference's format; ours may add `rng` (random states for exact resumption).
+the reference's format; ours may add `rng` (random states for exact resumption, see util/resume.py).
 """
 import argparse
 import os
@@ -13,8 +13,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from util.distributed import is_main_process
 from util.errors import CheckpointError
 from util.logger import log
+from util.pos_embed import interpolate_pos_embed
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 
@@ -36,6 +38,12 @@ def atomic_save(obj: Any, path: os.PathLike) -> None:
         raise
 
 
+def save_on_master(obj: Any, path: os.PathLike) -> None:
+    """atomic_save on rank 0 only."""
+    if is_main_process():
+        atomic_save(obj, path)
+
+
 def to_plain(value: Any) -> Any:
     """Convert args values to types that weights_only loading accepts (str for anything exotic)."""
     if isinstance(value, argparse.Namespace):
@@ -49,8 +57,10 @@ def to_plain(value: Any) -> Any:
     return str(value)
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
     """Load a checkpoint without executing code (weights_only=True); local path or https URL.
+
+    mmap=True maps a local file instead of reading it (cheap when only a few entries are needed).
 
     Reference checkpoints (whose `args` is a pickled argparse.Namespace) load through torch's
     safe-globals allow-list. Anything else that would need unpickling code is refused.
@@ -67,7 +77,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
                     raise CheckpointError(f"checkpoint file not found: {path}; check the path")
                 if os.path.isdir(path):
                     raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
-                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+                ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
@@ -128,55 +138,6 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Dict[str, torch.T
     model.load_state_dict(state_dict, strict=True)
 
 
-def save_model(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, loss_scaler: Any, name: Optional[str] = None,
-               extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
-    """Write output_dir/checkpoint-{name or epoch}.pth atomically on rank 0; return its path."""
-    from util.misc import is_main_process
-
-    if not args.output_dir:
-        return None
-    path = Path(args.output_dir) / f"checkpoint-{name if name is not None else epoch}.pth"
-    to_save = {
-        "model": model_without_ddp.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "scaler": loss_scaler.state_dict() if loss_scaler is not None else {},
-        "args": to_plain(args),
-    }
-    if extra:
-        to_save.update(extra)
-    if is_main_process():
-        atomic_save(to_save, path)
-    return path
-
-
-def load_model(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-               loss_scaler: Any) -> Optional[Dict[str, Any]]:
-    """Resume from args.resume: the model strictly; unless args.eval, optimizer, scaler, start_epoch.
-
-    Returns the loaded checkpoint dict (or None when args.resume is empty).
-    """
-    if not args.resume:
-        return None
-    checkpoint = load_checkpoint(args.resume)
-    if "model" not in checkpoint:
-        raise CheckpointError(f"{args.resume} has no 'model' entry; is it a training checkpoint?")
-    load_state_dict_strict(model_without_ddp, checkpoint["model"], args.resume)
-    log(f"Resume checkpoint {args.resume}")
-    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
-        if optimizer is not None:
-            try:
-                optimizer.load_state_dict(checkpoint["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"optimizer state in {args.resume} does not fit: {e}") from None
-        args.start_epoch = checkpoint["epoch"] + 1
-        if "scaler" in checkpoint and loss_scaler is not None:
-            loss_scaler.load_state_dict(checkpoint["scaler"])
-        log("With optim & sched!")
-    return checkpoint
-
-
 def find_checkpoints(output_dir: os.PathLike) -> List[Path]:
     """Checkpoints in output_dir, newest first (checkpoint-last before numbered ones)."""
     d = Path(output_dir)
@@ -195,10 +156,8 @@ def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
     best: Optional[Tuple[int, Path]] = None
     for p in find_checkpoints(output_dir):
         try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-            epoch = int(ckpt.get("epoch", -1))
-        except Exception:  # an unreadable file is skipped; an older one may still be good
+            epoch = int(load_checkpoint(str(p), mmap=True).get("epoch", -1))
+        except (CheckpointError, TypeError, ValueError):  # unreadable: skipped, an older one may be good
             log(f"skipping unreadable checkpoint {p}")
             continue
         if best is None or epoch > best[0]:
@@ -213,8 +172,6 @@ def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> Non
     non-strictly and checks that only the head (and fc_norm with global_pool) may be absent;
     any other missing key or a shape mismatch raises a CheckpointError naming them.
     """
-    from util.pos_embed import interpolate_pos_embed
-
     checkpoint = load_checkpoint(path)
     log("Load pre-trained checkpoint from: %s" % path)
     checkpoint_model = checkpoint.get("model", checkpoint)

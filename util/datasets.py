@@ -1,20 +1,26 @@
-"""ImageFolder datasets and the transforms of pre-training, fine-tuning and linear probing."""
+"""Datasets and their loaders: ImageFolder that survives bad files, the training and validation loaders.
+
+`build_dataset` and `build_transform` are the reference's names (the transforms themselves live in
+util/transforms.py).
+"""
 import multiprocessing
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import PIL
 import torch
-from PIL import Image, ImageOps
-from timm.data import auto_augment, create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision import datasets, transforms
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torchvision import datasets
 
-from util.errors import DataError
-from util.logger import warn
+from util.distributed import get_rank, get_world_size
+from util.errors import DataError, UserError
+from util.logger import log, warn
+from util.transforms import build_transform
 
-BICUBIC = transforms.InterpolationMode.BICUBIC
+__all__ = ["ImageFolder", "ShardSampler", "build_dataset", "build_transform", "eval_loader", "split_folder",
+           "train_loader"]
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -87,98 +93,51 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Callable] = Non
     return dataset
 
 
-def _posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
-    """Posterize that keeps 0 bits as a black image (Pillow >= 13 rejects 0; timm asks for it at level 10)."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
+# ----------------------------------------------------------------------------
+# loaders
+
+class ShardSampler(Sampler):
+    """Every index exactly once across ranks (rank r takes r, r+W, ...): no padding duplicates."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        self.n, self.num_replicas, self.rank = len(dataset), num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
 
 
-def _patch_timm_posterize() -> None:
-    """RandAugment's PosterizeIncreasing reaches 0 bits at magnitude 10 (m9 + noise): make that work."""
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        if name in auto_augment.NAME_TO_OP:
-            auto_augment.NAME_TO_OP[name] = _posterize
+def _loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_mem: bool,
+            drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=pin_mem and torch.cuda.is_available(), drop_last=drop_last,
+                      persistent_workers=num_workers > 0)
 
 
-def build_transform(is_train: bool, args: Any) -> Callable:
-    """Fine-tuning transforms: timm RandAugment/erasing pipeline, or resize + center crop."""
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    if is_train:
-        _patch_timm_posterize()
-        return create_transform(
-            input_size=args.input_size,
-            is_training=True,
-            color_jitter=args.color_jitter,
-            auto_augment=args.aa,
-            interpolation="bicubic",
-            re_prob=args.reprob,
-            re_mode=args.remode,
-            re_count=args.recount,
-            mean=mean,
-            std=std,
-        )
-    return eval_transform(args.input_size)
+def train_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bool, seed: int) -> DataLoader:
+    """Shuffled (reshuffled per epoch by `set_epoch`), per-rank sharded, drop_last training loader."""
+    world = get_world_size()
+    if len(dataset) < batch_size * world:
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch "
+                        f"({batch_size} x {world} processes); lower --batch_size")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed)
+    log("Sampler_train = %s" % str(sampler))
+    return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=True)
 
 
-def _to_tensor(steps: list, normalize: bool) -> Callable:
-    """steps + ToTensor + Normalize, or steps + a uint8 tensor that `normalize_images` finishes on the
-    device with bit-identical results (loader workers skip the float maths and move a quarter of the
-    bytes)."""
-    if normalize:
-        steps = steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bool,
+                dist_eval: bool) -> DataLoader:
+    """Validation loader: sequential, or sharded without duplicates across ranks with `dist_eval`."""
+    world = get_world_size()
+    if dist_eval and world > 1:
+        if len(dataset) % world != 0:
+            warn(f"the validation set ({len(dataset)} images) does not divide evenly over {world} processes; "
+                 f"shards differ in size, every image is still counted exactly once")
+        sampler: Sampler = ShardSampler(dataset, world, get_rank())
     else:
-        steps = steps + [transforms.PILToTensor()]
-    return transforms.Compose(steps)
-
-
-_MEAN_STD: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: a host-to-device copy every step would wait for the GPU
-    if device not in _MEAN_STD:
-        _MEAN_STD[device] = (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, -1, 1, 1),
-                             torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, -1, 1, 1))
-    return _MEAN_STD[device]
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, H, W] images to floats in [0, 1] normalised with the ImageNet mean and std, as
-    ToTensor + Normalize compute them; float images are returned unchanged."""
-    if images.dtype != torch.uint8:
-        return images
-    mean, std = _mean_std(images.device)
-    return images.float().div_(255).sub_(mean).div_(std)
-
-
-def eval_transform(input_size: int, normalize: bool = True) -> Callable:
-    """Resize the short side to input_size/crop_pct (bicubic), center-crop, normalise (or uint8)."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    size = int(input_size / crop_pct)
-    return _to_tensor([
-        transforms.Resize(size, interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
-        transforms.CenterCrop(input_size),
-    ], normalize)
-
-
-def pretrain_transform(input_size: int, normalize: bool = True) -> Callable:
-    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise (or uint8)."""
-    return _to_tensor([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-        transforms.RandomHorizontalFlip(),
-    ], normalize)
-
-
-def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = True) -> Callable:
-    """Linear-probe transforms: single-draw random resized crop + flip, or resize 256/224 + crop;
-    normalised, or uint8."""
-    from util.crop import RandomResizedCrop
-
-    if is_train:
-        return _to_tensor([RandomResizedCrop(input_size, interpolation=BICUBIC),
-                           transforms.RandomHorizontalFlip()], normalize)
-    return _to_tensor([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
-                       transforms.CenterCrop(input_size)], normalize)
+        if world > 1:
+            log("Evaluating on every process without --dist_eval: each one sees the full validation set")
+        sampler = SequentialSampler(dataset)
+    return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=False)

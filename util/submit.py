@@ -11,33 +11,37 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import submitit
+
 from util.checkpoint import find_latest_checkpoint
+from util.cli import command_line_parser
 from util.logger import log
 
 DEFAULT_JOB_DIR = os.path.join("submitit_jobs", "%j")
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The reference launcher flags, plus --cluster."""
-    parser.add_argument("--ngpus", default=8, type=int,
-                        help="Number of gpus to request on each node (processes per node with --device cpu)")
-    parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request")
-    parser.add_argument("--timeout", default=4320, type=int, help="Duration of the job, in minutes")
-    parser.add_argument("--job_dir", default="", type=str,
-                        help=f"Job dir; '%%j' becomes the job id. Default: ./{DEFAULT_JOB_DIR.replace('%', '%%')}. "
+    """The reference launcher flags, plus --cluster, in their own --help group."""
+    group = parser.add_argument_group("launcher parameters", "where and how the job runs")
+    group.add_argument("--ngpus", default=8, type=int,
+                       help="number of GPUs to request on each node (processes per node with --device cpu)")
+    group.add_argument("--nodes", default=2, type=int, help="number of nodes to request")
+    group.add_argument("--timeout", default=4320, type=int, help="duration of the job, in minutes")
+    group.add_argument("--job_dir", default="", type=str,
+                        help=f"job folder; '%%j' becomes the job id. Default: ./{DEFAULT_JOB_DIR.replace('%', '%%')}. "
                              f"Multi-node jobs need it on a filesystem every node sees.")
-    parser.add_argument("--partition", default="learnfair", type=str, help="Partition where to submit")
-    parser.add_argument("--use_volta32", action="store_true", help="Request 32G V100 GPUs")
-    parser.add_argument("--comment", default="", type=str, help="Comment to pass to scheduler")
-    parser.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+    group.add_argument("--partition", default="learnfair", type=str, help="partition where to submit")
+    group.add_argument("--use_volta32", action="store_true", help="request 32G V100 GPUs")
+    group.add_argument("--comment", default="", type=str, help="comment to pass to the scheduler")
+    group.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
                         help="where to run: slurm, local (processes on this machine) or debug (in this "
                              "process); default: slurm when available, else local")
     return parser
 
 
 def parse_args(entry_parser: argparse.ArgumentParser, description: str, argv=None) -> argparse.Namespace:
-    """The entry point's flags plus the launcher's."""
-    parser = argparse.ArgumentParser(description, parents=[entry_parser])
+    """The entry point's flags plus the launcher's (--help lists both)."""
+    parser = command_line_parser(entry_parser, description)
     add_launcher_args(parser)
     return parser.parse_args(argv)
 
@@ -77,8 +81,6 @@ class Trainer:
 
     def checkpoint(self):
         """Requeue this job, resuming from the newest checkpoint in its output folder."""
-        import submitit
-
         self.args.dist_url = get_init_file(self.args.job_dir).as_uri()
         output_dir = self._output_dir()
         latest = find_latest_checkpoint(output_dir) if output_dir else None
@@ -91,7 +93,6 @@ class Trainer:
     def _output_dir(self) -> Optional[str]:
         out = str(self.args.output_dir)
         if "%j" in out:
-            import submitit
             try:
                 out = out.replace("%j", str(submitit.JobEnvironment().job_id))
             except RuntimeError:  # not inside a job: nothing to resolve against
@@ -99,8 +100,6 @@ class Trainer:
         return out
 
     def _setup_gpu_args(self) -> None:
-        import submitit
-
         job_env = submitit.JobEnvironment()
         self.args.output_dir = str(self.args.output_dir).replace("%j", str(job_env.job_id))
         self.args.log_dir = self.args.output_dir
@@ -108,7 +107,7 @@ class Trainer:
         self.args.rank = job_env.global_rank
         self.args.world_size = job_env.num_tasks
         if job_env.num_tasks > 1:
-            # read by util.misc.init_distributed_mode; the rendezvous is args.dist_url (a file)
+            # read by util.distributed.init_distributed_mode; the rendezvous is args.dist_url (a file)
             os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
                               LOCAL_RANK=str(job_env.local_rank))
         log(f"Process group: {job_env.num_tasks} tasks, rank: {job_env.global_rank}", force=True)
@@ -116,8 +115,6 @@ class Trainer:
 
 def submit(args: argparse.Namespace, trainer_cls: type, name: str = "mae"):
     """Create the executor from the launcher flags, submit trainer_cls(args) and print the job id."""
-    import submitit
-
     if args.job_dir == "":
         args.job_dir = DEFAULT_JOB_DIR
     args.job_dir = os.path.abspath(args.job_dir)

@@ -9,9 +9,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 import util.lr_sched as lr_sched
-import util.misc as misc
+from util.distributed import all_reduce_mean
 from util.errors import NonFiniteLossError
 from util.logger import log
+from util.metrics import MetricLogger, SmoothedValue
+from util.precision import autocast
 
 
 def maybe_no_sync(model: torch.nn.Module, update_grad: bool):
@@ -64,11 +66,6 @@ class ScalarBuffer:
         self.rows.clear()
 
 
-def reduce_loss_for_logging(loss: torch.Tensor) -> torch.Tensor:
-    """Loss averaged over processes, still a tensor (no host sync)."""
-    return misc.all_reduce_mean(loss.detach())
-
-
 def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                 device: torch.device, epoch: int, loss_scaler: Any,
                 compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
@@ -82,11 +79,9 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
         loss_tag: TensorBoard tag of the loss ('train_loss' for pre-training, 'loss' for fine-tuning).
         clip_grad: max gradient norm, or None (or 0) for no clipping.
     """
-    from util.runner import autocast
-
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = "Epoch: [{}]".format(epoch)
     print_freq = getattr(args, "print_freq", 20)
     accum_iter = args.accum_iter
@@ -123,7 +118,7 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
         metric_logger.update(lr=lr)
 
         if update_grad:
-            loss_value_reduce = reduce_loss_for_logging(loss)
+            loss_value_reduce = all_reduce_mean(loss.detach())  # still a tensor: no host sync
             # x-axis in 1000ths of an epoch, to compare runs with different batch sizes
             epoch_1000x = int((data_iter_step / num_steps + epoch) * 1000)
             scalars.add(loss_tag, loss_value_reduce, epoch_1000x)

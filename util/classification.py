@@ -1,0 +1,75 @@
+"""Fine-tuning and linear probing around engine_finetune: data and loaders, then --eval or the epoch loop."""
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from engine_finetune import evaluate, train_one_epoch
+from util.datasets import ImageFolder, build_dataset, eval_loader, train_loader
+from util.errors import UserError
+from util.logger import log
+from util.resume import restore
+from util.runner import tensorboard_writer, train_loop
+
+
+def classification_data(args: Any, train_transform: Callable, val_transform: Callable
+                        ) -> Tuple[ImageFolder, ImageFolder, Optional[DataLoader], DataLoader]:
+    """Train/val ImageFolders and their loaders (no training loader with --eval); checks --nb_classes."""
+    dataset_train = build_dataset(True, args, transform=train_transform)
+    dataset_val = build_dataset(False, args, transform=val_transform)
+    log(dataset_train)
+    log(dataset_val)
+    n_found = len(dataset_train.classes)
+    if args.nb_classes < n_found:
+        raise UserError(f"--nb_classes {args.nb_classes} is smaller than the {n_found} class folders in "
+                        f"{dataset_train.root}; use --nb_classes {n_found}")
+    loader_train = None if args.eval else train_loader(dataset_train, args.batch_size, args.num_workers,
+                                                       args.pin_mem, args.seed)
+    loader_val = eval_loader(dataset_val, args.batch_size, args.num_workers, args.pin_mem, args.dist_eval)
+    return dataset_train, dataset_val, loader_train, loader_val
+
+
+def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, loss_scaler: Any, criterion: torch.nn.Module,
+                       device: torch.device, data_loader_train: Optional[DataLoader],
+                       data_loader_val: DataLoader, mixup_fn: Any = None,
+                       max_norm: Optional[float] = None) -> Dict[str, float]:
+    """Resume, then either --eval once or train with evaluation every epoch; return the last test stats."""
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    log("number of params (M): %.2f" % (n_parameters / 1.e6))
+    restore(args, model_without_ddp, optimizer, loss_scaler)
+    n_val = len(data_loader_val.dataset)
+
+    def eval_epoch() -> Dict[str, float]:
+        test_stats = evaluate(data_loader_val, model, device, amp=args.amp)
+        log(f"Accuracy of the network on the {n_val} test images: {test_stats['acc1']:.1f}%")
+        return test_stats
+
+    if args.eval:
+        return eval_epoch()
+
+    log_writer = tensorboard_writer(args.log_dir, args.start_epoch)
+    state = {"max_accuracy": 0.0, "last": {}}
+
+    def eval_and_track(epoch: int) -> Dict[str, float]:
+        test_stats = eval_epoch()
+        state["max_accuracy"] = max(state["max_accuracy"], test_stats["acc1"])
+        log(f"Max accuracy: {state['max_accuracy']:.2f}%")
+        if log_writer is not None:
+            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
+            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
+            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
+        state["last"] = test_stats
+        return test_stats
+
+    train_loop(
+        args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
+        data_loader_train=data_loader_train,
+        train_one_epoch=lambda epoch: train_one_epoch(model, criterion, data_loader_train, optimizer, device,
+                                                      epoch, loss_scaler, max_norm, mixup_fn,
+                                                      log_writer=log_writer, args=args),
+        evaluate=eval_and_track, log_writer=log_writer, numbered_every=1,
+        extra_log={"n_parameters": n_parameters})
+    if log_writer is not None:
+        log_writer.close()
+    return state["last"]

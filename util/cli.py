@@ -1,0 +1,178 @@
+"""The command line: the flags every entry point shares, --help, and running main() with clear exits.
+
+`get_args_parser()` of each entry point is built with add_help=False (the reference's API, so that the
+launchers can use it as a parent); `command_line_parser` adds -h/--help for running it as a script.
+`launch` turns user mistakes into one `error:` line and exit code 2, a non-finite loss into exit code 1,
+and anything else into its traceback and exit code 1.
+"""
+import argparse
+import sys
+import traceback
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from util.distributed import destroy_process_group
+from util.errors import NonFiniteLossError, UserError
+from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
+from util.precision import AMP_DTYPES
+
+Groups = Dict[str, Any]  # group title -> argparse argument group
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help, except for on/off switches (their help says what they
+    change) and helps that already state the default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        text = action.help or ""
+        if action.nargs == 0 or "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {repr('') if action.default == '' else '%(default)s'})"
+
+
+def command_line_parser(parent: argparse.ArgumentParser, description: Optional[str] = None
+                        ) -> argparse.ArgumentParser:
+    """`parent`'s flags and groups, plus -h/--help, for running an entry point or a launcher."""
+    return argparse.ArgumentParser(description=description or parent.description, parents=[parent],
+                                   formatter_class=HelpFormatter)
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, model: str,
+                    weight_decay: float, blr: float, min_lr: float, warmup_epochs: int, model_help: str,
+                    extra_groups: Sequence[str] = ()) -> Groups:
+    """Add the flags every entry point has, with that entry point's reference defaults.
+
+    Returns the argument groups by name ('training', 'model', 'optimizer', the `extra_groups`, 'data',
+    'distributed', 'ours'), in the order --help prints them, for the entry point to add its own flags.
+    """
+    titles = ["training", "model", "optimizer", *extra_groups, "data", "distributed", "ours"]
+    descriptions = {"ours": "not in the reference code"}
+    g = {t: parser.add_argument_group(f"{t} parameters" if t != "ours" else "ours",
+                                      descriptions.get(t)) for t in titles}
+
+    g["training"].add_argument("--batch_size", default=batch_size, type=int,
+                               help="batch size per process (effective batch size is batch_size * accum_iter "
+                                    "* number of processes)")
+    g["training"].add_argument("--epochs", default=epochs, type=int, help="epochs of the schedule")
+    g["training"].add_argument("--accum_iter", default=1, type=int,
+                               help="accumulate gradients over this many iterations per optimizer step "
+                                    "(a larger effective batch size under memory constraints)")
+
+    g["model"].add_argument("--model", default=model, type=str, metavar="MODEL", help=model_help)
+    g["model"].add_argument("--input_size", default=224, type=int, help="image input size (pixels, square)")
+
+    g["optimizer"].add_argument("--weight_decay", type=float, default=weight_decay, help="weight decay")
+    g["optimizer"].add_argument("--lr", type=float, default=None, metavar="LR",
+                                help="learning rate (absolute lr); when absent, computed from --blr")
+    g["optimizer"].add_argument("--blr", type=float, default=blr, metavar="LR",
+                                help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    g["optimizer"].add_argument("--min_lr", type=float, default=min_lr, metavar="LR",
+                                help="lower lr bound for cyclic schedulers that hit 0")
+    g["optimizer"].add_argument("--warmup_epochs", type=int, default=warmup_epochs, metavar="N",
+                                help="epochs to warm up the lr linearly from 0")
+
+    g["data"].add_argument("--data_path", default=None, type=str,
+                           help="dataset path (required): a folder with train/ (and val/) ImageFolder "
+                                "sub-folders")
+    g["data"].add_argument("--output_dir", default="./output_dir",
+                           help="where to save checkpoints, log.txt and args.json; empty for no saving")
+    g["data"].add_argument("--log_dir", default="./output_dir",
+                           help="where to write TensorBoard events; empty for none")
+    g["data"].add_argument("--device", default=None,
+                           help="device to train / test on: cpu, cuda or cuda:N (default: cuda if available, "
+                                "else cpu)")
+    g["data"].add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
+    g["data"].add_argument("--resume", default="", help="resume from this checkpoint (a path or an https URL)")
+    g["data"].add_argument("--start_epoch", default=0, type=int, metavar="N",
+                           help="first epoch (set from the checkpoint when resuming)")
+    g["data"].add_argument("--num_workers", default=10, type=int, help="data loading worker processes")
+    g["data"].add_argument("--pin_mem", action="store_true",
+                           help="pin CPU memory in the DataLoader for faster transfer to the GPU (on by default)")
+    g["data"].add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
+    parser.set_defaults(pin_mem=True)
+
+    g["distributed"].add_argument("--world_size", default=1, type=int,
+                                  help="number of distributed processes (torchrun / SLURM set it)")
+    g["distributed"].add_argument("--local_rank", default=-1, type=int,
+                                  help="local rank (ignored: read from the LOCAL_RANK variable)")
+    g["distributed"].add_argument("--dist_on_itp", action="store_true",
+                                  help="take ranks from OpenMPI variables (OMPI_COMM_WORLD_*)")
+    g["distributed"].add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+    ours = g["ours"]
+    ours.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
+                      help="mixed precision (default: fp16 on CUDA, bf16 on CPUs with native bf16, else none)")
+    ours.add_argument("--compile", action="store_true", default=None,
+                      help="torch.compile the model (default: on for CUDA, off for CPU)")
+    ours.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")
+    ours.add_argument("--attn", default="auto", choices=["auto", *ATTN_IMPLS],
+                      help="attention kernel: fused sdpa or explicit math (auto: the faster one measured for the "
+                           "device and --amp)")
+    ours.add_argument("--patch_embed", default="auto", choices=["auto", *PATCH_EMBED_IMPLS],
+                      help="patch embedding as a convolution or as patchify + one matmul (auto: linear)")
+    ours.add_argument("--print_freq", default=20, type=int, help="console line every N iterations")
+    ours.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
+                      help="do not resume from the newest checkpoint in --output_dir when --resume is empty")
+    parser.set_defaults(auto_resume=True)
+    ours.add_argument("--stop_epoch", default=None, type=int, metavar="N",
+                      help="end this run before epoch N while keeping the --epochs schedule; the same command "
+                           "without it resumes (for time-limited jobs)")
+    ours.add_argument("--strict_data", action="store_true",
+                      help="stop at the first unreadable image instead of skipping it with a warning")
+    ours.add_argument("--dist_timeout", default=30, type=float, metavar="MIN",
+                      help="minutes a process waits for the others before the job fails")
+    return g
+
+
+def add_classification_args(g: Groups, *, global_pool: bool) -> None:
+    """Flags fine-tuning and linear probing share (reference names and defaults), into the
+    'classification' group (name it in add_common_args' extra_groups)."""
+    group = g["classification"]
+    group.add_argument("--finetune", default="", help="initialise the encoder from this pre-training checkpoint")
+    group.add_argument("--global_pool", action="store_true",
+                       help="classify the mean of the patch tokens, then fc_norm "
+                            f"({'the default' if global_pool else 'default: the class token'})")
+    group.add_argument("--cls_token", action="store_false", dest="global_pool",
+                       help="classify the class token instead of the global pool")
+    group.set_defaults(global_pool=global_pool)
+    group.add_argument("--nb_classes", default=1000, type=int, help="number of classes")
+    group.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
+    group.add_argument("--dist_eval", action="store_true", default=False,
+                       help="shard evaluation over the processes (every image counted exactly once)")
+
+
+# ----------------------------------------------------------------------------
+# running main
+
+def _one_line(e: BaseException) -> str:
+    """The user-facing line of an exception (also when re-raised from a loader worker)."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    msg = lines[-1] if lines else type(e).__name__
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
+def launch(main: Callable[[Any], Any], args: Any) -> int:
+    """Run main(args) and return the exit code; the process group is always left.
+
+    0 on success; 2 with one `error:` line for user mistakes; 1 with one line for a non-finite loss;
+    130 on Ctrl-C; 1 with the full traceback for anything else (a bug must look like a bug).
+    """
+    code = 0
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception:  # noqa: BLE001 - reported in full, with a non-zero exit
+        traceback.print_exc()
+        sys.stderr.flush()
+        code = 1
+    finally:
+        destroy_process_group()
+    return code

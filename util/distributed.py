@@ -1,0 +1,123 @@
+"""Process-group helpers: rank, world size, joining the group, and the collectives the code uses.
+
+References:
+    DeiT: https://github.com/facebookresearch/deit
+"""
+import datetime
+import os
+from typing import Any, List, Union
+
+import torch
+import torch.distributed as dist
+
+from util.logger import log
+
+Number = Union[int, float, torch.Tensor]
+
+
+def is_dist_avail_and_initialized() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    """Number of processes (1 outside a process group)."""
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0."""
+    return get_rank() == 0
+
+
+def dist_device() -> torch.device:
+    """Device on which collectives of this process group run (cuda for nccl, else cpu)."""
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend_for(device_type: str) -> str:
+    """Process-group backend for a device type: nccl for cuda, gloo otherwise."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed_mode(args: Any) -> None:
+    """Join the process group described by torchrun, SLURM or OpenMPI variables, if any.
+
+    Sets args.rank, args.world_size, args.gpu, args.distributed (and args.dist_backend).
+    """
+    env = os.environ
+    if getattr(args, "dist_on_itp", False):
+        args.rank = int(env["OMPI_COMM_WORLD_RANK"])
+        args.world_size = int(env["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        env["LOCAL_RANK"], env["RANK"], env["WORLD_SIZE"] = str(args.gpu), str(args.rank), str(args.world_size)
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        args.rank = int(env["RANK"])
+        args.world_size = int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(env["SLURM_PROCID"])
+        args.world_size = int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+    else:
+        log("Not using distributed mode")
+        args.distributed = False
+        args.rank, args.world_size = 0, 1
+        args.gpu = getattr(args, "gpu", None)
+        return
+
+    args.distributed = True
+    device_type = torch.device(getattr(args, "device", None) or "cpu").type
+    if device_type == "cuda":
+        torch.cuda.set_device(args.gpu)
+    args.dist_backend = backend_for(device_type)
+    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 30)))
+    log(f"| distributed init (rank {args.rank}): {args.dist_url}, gpu {args.gpu}, "
+        f"backend {args.dist_backend}", force=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank, timeout=timeout)
+    dist.barrier()
+
+
+def destroy_process_group() -> None:
+    """Leave the process group, if this process is in one."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: Number) -> Number:
+    """Mean of x over processes; a float in gives a float out, a tensor in a tensor out."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    if torch.is_tensor(x):
+        t = x.detach().clone()
+        dist.all_reduce(t)
+        return t / world_size
+    t = torch.tensor(float(x), device=dist_device())
+    dist.all_reduce(t)
+    return t.item() / world_size
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum t over processes in place (a no-op in one process); returns t."""
+    if get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order (a collective in distributed runs)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,135 @@
+"""Mixed precision: the --amp choices, the default per device, autocast and the loss scaler.
+
+References:
+    DeiT: https://github.com/facebookresearch/deit
+"""
+import platform
+from contextlib import nullcontext
+from typing import Dict, Iterable, Optional, Union
+
+import torch
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+
+# x86 feature flags (as Linux names them in /proc/cpuinfo) that mean bf16 matmuls run natively:
+# AVX512-BF16 and AMX. Arm's BF16 extension is left out until a benchmark shows bf16 faster there.
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def native_bf16_from_cpuinfo(cpuinfo: str) -> bool:
+    """Whether the flags listed in a /proc/cpuinfo text include a native bf16 instruction set."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":  # the first processor's; all list the same
+            return bool(_NATIVE_BF16_FLAGS & set(value.split()))
+    return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (x86 AVX512-BF16 / AMX, on Linux) through oneDNN.
+
+    Read from /proc/cpuinfo: torch's own probes differ between releases and count CPUs that only
+    emulate bf16 (AVX-512 without BF16), where bf16 is slower than fp32.
+    """
+    if platform.system() != "Linux" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return native_bf16_from_cpuinfo(f.read())
+    except OSError:
+        return False
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> str:
+    """The --amp value in effect: the given one, or the device's default.
+
+    fp16 on CUDA (the reference's choice); bf16 on CPUs that run it natively; fp32 ('none') elsewhere.
+    """
+    if amp is not None:
+        return amp
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "none"
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for the --amp value (a no-op for 'none')."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class NativeScalerWithGradNormCount:
+    """Backward, optional unscale + clip, and optimizer step; a GradScaler only when enabled (fp16).
+
+    Args:
+        device_type: device the loss lives on ('cuda', 'cpu').
+        enabled: use a torch.amp.GradScaler (fp16); otherwise plain backward/step.
+    """
+
+    state_dict_key = "amp_scaler"
+
+    def __init__(self, device_type: str = "cuda", enabled: bool = True):
+        if enabled and device_type == "cuda" and not torch.cuda.is_available():
+            enabled = False
+        self._scaler = torch.amp.GradScaler(device_type) if enabled else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._scaler is not None
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 clip_grad: Optional[float] = None, parameters: Optional[Iterable] = None,
+                 create_graph: bool = False, update_grad: bool = True) -> Optional[torch.Tensor]:
+        if self._scaler is not None:
+            self._scaler.scale(loss).backward(create_graph=create_graph)
+        else:
+            loss.backward(create_graph=create_graph)
+        if not update_grad:
+            return None
+        norm = None
+        if clip_grad is not None or parameters is not None:
+            if self._scaler is not None:
+                self._scaler.unscale_(optimizer)  # unscale the gradients in place
+            if clip_grad is not None:
+                if parameters is None:
+                    raise ValueError("clip_grad needs the parameters to clip")
+                norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+            else:
+                norm = get_grad_norm_(parameters)
+        if self._scaler is not None:
+            self._scaler.step(optimizer)
+            self._scaler.update()
+        else:
+            optimizer.step()
+        return norm
+
+    def state_dict(self) -> Dict:
+        return self._scaler.state_dict() if self._scaler is not None else {}
+
+    def load_state_dict(self, state_dict: Dict) -> None:
+        if self._scaler is not None and state_dict:
+            self._scaler.load_state_dict(state_dict)
+
+
+def get_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
+                   norm_type: float = 2.0) -> torch.Tensor:
+    """Total gradient norm over parameters (without clipping)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    parameters = [p for p in parameters if p.grad is not None]
+    if len(parameters) == 0:
+        return torch.tensor(0.0)
+    device = parameters[0].grad.device
+    if norm_type == float("inf"):
+        return max(p.grad.detach().abs().max().to(device) for p in parameters)
+    return torch.norm(torch.stack([torch.norm(p.grad.detach(), norm_type).to(device)
+                                   for p in parameters]), norm_type)
+
+
+def make_loss_scaler(amp: str, device: torch.device) -> NativeScalerWithGradNormCount:
+    """Loss scaler: a GradScaler for fp16, plain backward/step otherwise."""
+    return NativeScalerWithGradNormCount(device.type, enabled=amp == "fp16")

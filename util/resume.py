@@ -1,0 +1,194 @@
+"""A run's state across restarts: what is saved each epoch, where a rerun continues, and exactly how.
+
+- `save_model` / `load_model`: the reference's checkpoint entry points (re-exported by util.misc).
+- `resolve_resume`: --resume, or the newest checkpoint in --output_dir (auto-resume), and the epoch
+  the run starts at.
+- `restore`: load that checkpoint into the model, optimizer and scaler, and every rank's random state.
+- `save_epoch`: checkpoint-last.pth each epoch, checkpoint-{epoch}.pth as a hard link of it when due.
+- `truncate_log` and `remove_stale_temp_files`: a rerun repeats no log line and keeps no partial file.
+"""
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from util.checkpoint import (atomic_save, find_latest_checkpoint, load_checkpoint, load_state_dict_strict,
+                             to_plain)
+from util.distributed import all_gather_objects, get_rank, get_world_size, is_main_process
+from util.errors import CheckpointError
+from util.logger import log, warn
+
+
+# ----------------------------------------------------------------------------
+# random state, for exact resumption
+
+def get_rng_state() -> Dict[str, Any]:
+    """Torch (CPU and CUDA), numpy and python RNG states in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what get_rng_state returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ----------------------------------------------------------------------------
+# the reference's save_model / load_model
+
+def save_model(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, loss_scaler: Any, name: Optional[str] = None,
+               extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+    """Write output_dir/checkpoint-{name or epoch}.pth atomically on rank 0; return its path."""
+    if not args.output_dir:
+        return None
+    path = Path(args.output_dir) / f"checkpoint-{name if name is not None else epoch}.pth"
+    to_save = {
+        "model": model_without_ddp.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "scaler": loss_scaler.state_dict() if loss_scaler is not None else {},
+        "args": to_plain(args),
+    }
+    if extra:
+        to_save.update(extra)
+    if is_main_process():
+        atomic_save(to_save, path)
+    return path
+
+
+def load_model(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+               loss_scaler: Any) -> Optional[Dict[str, Any]]:
+    """Resume from args.resume: the model strictly; unless args.eval, optimizer, scaler, start_epoch.
+
+    Returns the loaded checkpoint dict (or None when args.resume is empty).
+    """
+    if not args.resume:
+        return None
+    checkpoint = load_checkpoint(args.resume)
+    if "model" not in checkpoint:
+        raise CheckpointError(f"{args.resume} has no 'model' entry; is it a training checkpoint?")
+    load_state_dict_strict(model_without_ddp, checkpoint["model"], args.resume)
+    log(f"Resume checkpoint {args.resume}")
+    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"optimizer state in {args.resume} does not fit: {e}") from None
+        args.start_epoch = checkpoint["epoch"] + 1
+        if "scaler" in checkpoint and loss_scaler is not None:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        log("With optim & sched!")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------
+# where a run continues
+
+def resolve_resume(resume: str, output_dir: str, auto_resume: bool, eval_only: bool,
+                   start_epoch: int) -> Tuple[str, int]:
+    """(checkpoint to resume from, epoch the run starts at), before anything is built.
+
+    An empty `resume` becomes the newest loadable checkpoint in `output_dir` when `auto_resume` (not
+    for evaluation-only runs). The start epoch is the checkpoint's epoch + 1 when it holds training
+    state, as `load_model` will set it; otherwise `start_epoch` unchanged.
+    """
+    if not resume and auto_resume and output_dir and not eval_only:
+        latest = find_latest_checkpoint(output_dir)
+        if latest is not None:
+            resume = str(latest)
+            log(f"Auto-resuming from {latest} (pass --no_auto_resume to start afresh)")
+    if resume and not eval_only:
+        checkpoint = load_checkpoint(resume, mmap=True)
+        if "optimizer" in checkpoint and "epoch" in checkpoint:
+            start_epoch = int(checkpoint["epoch"]) + 1
+    return resume, start_epoch
+
+
+def restore(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+            loss_scaler: Any) -> Optional[Dict[str, Any]]:
+    """load_model, then every rank's random state when the checkpoint has one per process."""
+    checkpoint = load_model(args, model_without_ddp, optimizer, loss_scaler)
+    if checkpoint is not None and "rng" in checkpoint and not getattr(args, "eval", False):
+        states = checkpoint["rng"]
+        if len(states) == get_world_size():
+            set_rng_state(states[get_rank()])
+        else:
+            warn(f"checkpoint holds random states for {len(states)} processes, this run has "
+                 f"{get_world_size()}: continuing with fresh random streams")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------
+# what is written each epoch
+
+def save_epoch(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, loss_scaler: Any, numbered: bool) -> None:
+    """checkpoint-last.pth every epoch; checkpoint-{epoch}.pth too when `numbered` (a hard link).
+
+    A collective in distributed runs (every rank's random state goes into the file).
+    """
+    rng = all_gather_objects(get_rng_state())
+    if not args.output_dir:
+        return
+    last = save_model(args, epoch, model, model_without_ddp, optimizer, loss_scaler,
+                      name="last", extra={"rng": rng})
+    if numbered and is_main_process():
+        target = Path(args.output_dir) / f"checkpoint-{epoch}.pth"
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            os.link(last, tmp)
+        except OSError:  # no hard links on this filesystem: write a copy
+            atomic_save(torch.load(last, map_location="cpu", weights_only=True), target)
+        else:
+            os.replace(tmp, target)
+
+
+def truncate_log(path: str, start_epoch: int) -> None:
+    """Drop log lines of epochs >= start_epoch (they are about to be trained again)."""
+    if not os.path.exists(path):
+        return
+    kept: List[str] = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("epoch", -1) >= start_epoch:
+                    continue
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            kept.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Delete temporary checkpoint files a killed run left behind (never a finished checkpoint)."""
+    for p in Path(output_dir).glob(".checkpoint-*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass

@@ -1,0 +1,83 @@
+"""Run settings, resolved once right after distributed init and recorded in args (and so in args.json).
+
+Device, precision, torch.compile, the lr from --blr and the effective batch, the attention and
+patch-embedding paths, and where the run resumes. Nothing after `resolve_settings` changes args:
+helpers further up take these values explicitly.
+"""
+from typing import Any
+
+import torch
+
+import util.perf as perf
+from util.distributed import get_world_size, init_distributed_mode
+from util.errors import UserError
+from util.logger import log
+from util.precision import resolve_amp
+from util.resume import resolve_resume
+
+
+def check_common_args(args: Any) -> None:
+    """Reject flag values that cannot work, with a message naming the flag."""
+    for flag in ("batch_size", "accum_iter", "epochs", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if not args.data_path:
+        raise UserError("--data_path is required: a folder with train/ (and val/) sub-folders of class folders")
+
+
+def default_device() -> str:
+    """cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(name: str) -> torch.device:
+    """The --device value as a torch.device, with one-line errors for bad or unavailable devices."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve_lr(lr: Any, blr: float, eff_batch_size: int) -> float:
+    """--lr when given, else blr * eff_batch_size / 256 (the linear scaling rule)."""
+    return lr if lr is not None else blr * eff_batch_size / 256
+
+
+def resolve_settings(args: Any) -> torch.device:
+    """Validate the flags, join the process group, and set every setting left to a default in args.
+
+    Returns the device. Sets args.device, amp, compile, attn, patch_embed, lr,
+    resume and start_epoch (plus rank, world_size, gpu, distributed from the process group).
+    """
+    check_common_args(args)
+    if args.device is None:
+        args.device = default_device()
+    device = parse_device(args.device)
+    init_distributed_mode(args)
+    if device.type == "cuda" and args.distributed:
+        device = torch.device("cuda", args.gpu)
+
+    args.amp = resolve_amp(args.amp, device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"  # measured faster there (PRETRAIN.md); off on CPU
+    try:
+        args.attn, args.patch_embed = perf.resolve_layers(device.type, args.amp, args.attn, args.patch_embed)
+    except ValueError as e:
+        raise UserError(f"{e}; use --attn auto|sdpa|math and --patch_embed auto|conv|linear") from None
+
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    args.lr = resolve_lr(args.lr, args.blr, eff_batch_size)
+    log("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    log("actual lr: %.2e" % args.lr)
+    log("accumulate grad iterations: %d" % args.accum_iter)
+    log("effective batch size: %d" % eff_batch_size)
+
+    args.resume, args.start_epoch = resolve_resume(
+        args.resume, args.output_dir, getattr(args, "auto_resume", True), getattr(args, "eval", False),
+        args.start_epoch)
+    return device

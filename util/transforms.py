@@ -1,0 +1,101 @@
+"""The transforms of each stage, and the on-device normalisation that finishes uint8 batches.
+
+- pre-training: random resized crop (scale 0.2-1), flip (`pretrain_transform`);
+- fine-tuning: timm's RandAugment / random-erasing pipeline (`build_transform`, the reference's);
+- linear probing: single-draw random resized crop + flip (`linprobe_transform`);
+- evaluation: resize the short side, center crop (`eval_transform`).
+
+Transforms built with normalize=False end in a uint8 tensor; `normalize_images` turns a batch of
+those into the same floats as ToTensor + Normalize, on the device.
+"""
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+
+from util.compat import fix_timm_posterize
+from util.crop import RandomResizedCrop
+
+BICUBIC = transforms.InterpolationMode.BICUBIC
+
+fix_timm_posterize()  # RandAugment at magnitude 10 on Pillow >= 13; see util/compat.py
+
+
+def build_transform(is_train: bool, args: Any) -> Callable:
+    """Fine-tuning transforms: timm RandAugment/erasing pipeline, or resize + center crop."""
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if is_train:
+        return create_transform(
+            input_size=args.input_size,
+            is_training=True,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa,
+            interpolation="bicubic",
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+            mean=mean,
+            std=std,
+        )
+    return eval_transform(args.input_size)
+
+
+def _to_tensor(steps: list, normalize: bool) -> Callable:
+    """steps + ToTensor + Normalize, or steps + a uint8 tensor that `normalize_images` finishes on the
+    device with bit-identical results (loader workers skip the float maths and move a quarter of the
+    bytes)."""
+    if normalize:
+        steps = steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    else:
+        steps = steps + [transforms.PILToTensor()]
+    return transforms.Compose(steps)
+
+
+_MEAN_STD: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a host-to-device copy every step would wait for the GPU
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, -1, 1, 1),
+                             torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, -1, 1, 1))
+    return _MEAN_STD[device]
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] images to floats in [0, 1] normalised with the ImageNet mean and std, as
+    ToTensor + Normalize compute them; float images are returned unchanged."""
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = _mean_std(images.device)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+def eval_transform(input_size: int, normalize: bool = True) -> Callable:
+    """Resize the short side to input_size/crop_pct (bicubic), center-crop, normalise (or uint8)."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    size = int(input_size / crop_pct)
+    return _to_tensor([
+        transforms.Resize(size, interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
+        transforms.CenterCrop(input_size),
+    ], normalize)
+
+
+def pretrain_transform(input_size: int, normalize: bool = True) -> Callable:
+    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise (or uint8)."""
+    return _to_tensor([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+        transforms.RandomHorizontalFlip(),
+    ], normalize)
+
+
+def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = True) -> Callable:
+    """Linear-probe transforms: single-draw random resized crop + flip, or resize 256/224 + crop;
+    normalised, or uint8."""
+    if is_train:
+        return _to_tensor([RandomResizedCrop(input_size, interpolation=BICUBIC),
+                           transforms.RandomHorizontalFlip()], normalize)
+    return _to_tensor([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
+                       transforms.CenterCrop(input_size)], normalize)
