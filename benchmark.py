@@ -26,7 +26,9 @@ import time
 from multiprocessing import Pool
 from typing import Dict
 
+import numpy as np
 import torch
+from PIL import Image
 
 import models_mae
 import models_vit
@@ -190,9 +192,6 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
 
 def _write_jpeg(job) -> None:
     """One ImageNet-like JPEG: 500x375, smooth content plus grain, ~105 kB at quality 90."""
-    import numpy as np
-    from PIL import Image
-
     path, seed = job
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)

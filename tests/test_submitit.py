@@ -33,6 +33,7 @@ def _tiny(job_dir, data, *extra):
             "--warmup_epochs", "1", "--num_workers", "0", "--timeout", "10", *extra]
 
 
+@pytest.mark.e2e
 def test_local_job_then_requeue_resumes_from_newest(image_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_dir = str(tmp_path / "jobs" / "%j")

@@ -87,3 +87,69 @@ def test_load_model_without_resume_is_noop(tmp_path):
     assert args.start_epoch == 0
 
 
+
+
+# ----------------------------------------------------------------------------
+# where a rerun continues
+
+
+def test_resolve_resume_picks_the_newest_checkpoint_and_its_next_epoch(tmp_path):
+    out = tmp_path / "out"
+    model = _tiny_net(0)
+    opt = _trained_optimizer(model)
+    for epoch in (0, 3):
+        resume.save_model(_args(tmp_path), epoch, model, model, opt, None)
+    latest = str(out / "checkpoint-3.pth")
+    assert resume.resolve_resume("", str(out), True, False, 0) == (latest, 4)
+    assert resume.resolve_resume("", str(out), False, False, 0) == ("", 0)  # --no_auto_resume
+    assert resume.resolve_resume("", str(out), True, True, 0) == ("", 0)  # --eval never auto-resumes
+    explicit = str(out / "checkpoint-0.pth")
+    assert resume.resolve_resume(explicit, str(out), True, False, 0) == (explicit, 1)
+    assert resume.resolve_resume(explicit, str(out), True, True, 0) == (explicit, 0)  # evaluation only
+    # a weights-only file (no optimizer state) loads the model but starts at --start_epoch
+    atomic_save({"model": model.state_dict(), "epoch": 9}, out / "weights.pth")
+    assert resume.resolve_resume(str(out / "weights.pth"), "", True, False, 2) == (str(out / "weights.pth"), 2)
+
+
+def test_save_epoch_links_the_numbered_checkpoint_to_last(tmp_path):
+    model = _tiny_net(0)
+    opt = _trained_optimizer(model)
+    args = _args(tmp_path)
+    resume.save_epoch(args, 0, model, model, opt, None, numbered=True)
+    resume.save_epoch(args, 1, model, model, opt, None, numbered=False)
+    out = Path(args.output_dir)
+    assert sorted(os.listdir(out)) == ["checkpoint-0.pth", "checkpoint-last.pth"]
+    last, first = torch.load(out / "checkpoint-last.pth", weights_only=True), torch.load(out / "checkpoint-0.pth", weights_only=True)
+    assert (last["epoch"], first["epoch"]) == (1, 0)
+    assert len(last["rng"]) == 1 and set(last["rng"][0]) >= {"torch", "numpy", "python"}
+    resume.save_epoch(args, 2, model, model, opt, None, numbered=True)
+    assert os.path.samefile(out / "checkpoint-2.pth", out / "checkpoint-last.pth")  # one file, two names
+
+
+def test_restore_sets_the_saved_random_state(tmp_path):
+    model = _tiny_net(0)
+    opt = _trained_optimizer(model)
+    args = _args(tmp_path)
+    torch.manual_seed(7)
+    resume.save_epoch(args, 0, model, model, opt, None, numbered=False)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    resume.restore(_args(tmp_path, resume=str(Path(args.output_dir) / "checkpoint-last.pth")), _tiny_net(1),
+                   torch.optim.AdamW(_tiny_net(1).parameters()), None)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_truncate_log_drops_epochs_to_be_trained_again_and_broken_lines(tmp_path):
+    log = tmp_path / "log.txt"
+    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1)} for e in range(4)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 4, "train_lo')
+    resume.truncate_log(str(log), 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == rows[:2]
+    resume.truncate_log(str(tmp_path / "missing.txt"), 0)  # nothing to do
+
+
+def test_remove_stale_temp_files_keeps_finished_checkpoints(tmp_path):
+    for name in (".checkpoint-last.pth.abc.tmp", ".checkpoint-3.pth.123.tmp", "checkpoint-3.pth", "notes.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    resume.remove_stale_temp_files(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "notes.tmp"]

@@ -1,0 +1,90 @@
+"""util/cli.py: every entry point answers --help with grouped, documented flags; launch()'s exit codes."""
+import argparse
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import submitit_pretrain
+import util.cli as cli
+from helpers import free_port
+from util.errors import NonFiniteLossError, UserError
+
+ENTRY_POINTS = [main_pretrain, main_finetune, main_linprobe]
+
+
+def _flag_actions(parser):
+    return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS, ids=lambda m: m.__name__)
+def test_help_exits_0_and_every_flag_is_documented(module, capsys):
+    parser = cli.command_line_parser(module.get_args_parser())
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([flag])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage:")
+    undocumented = [a.option_strings[0] for a in _flag_actions(module.get_args_parser()) if not (a.help or "").strip()]
+    assert undocumented == []
+    # grouped as the reference's comments group them, ours last
+    groups = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert groups[:4] == ["options", "training parameters", "model parameters", "optimizer parameters"]
+    assert groups[-3:] == ["data parameters", "distributed parameters", "ours"]
+    # defaults shown: a value flag, an empty-string flag
+    assert "epochs of the schedule (default: " in out and "(default: '')" in out
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS, ids=lambda m: m.__name__)
+def test_get_args_parser_stays_a_parent_parser(module):
+    parser = module.get_args_parser()
+    assert not any("-h" in a.option_strings for a in parser._actions)  # the reference's add_help=False
+    child = argparse.ArgumentParser(parents=[parser])  # as a launcher builds it
+    assert child.parse_args(["--epochs", "3"]).epochs == 3
+
+
+def test_launcher_help_shows_its_flags_and_the_entry_points(capsys):
+    with pytest.raises(SystemExit) as e:
+        submitit_pretrain.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "launcher parameters:" in out and "--ngpus NGPUS" in out and "--mask_ratio" in out
+
+
+def _raise(exc):
+    def main(_args):
+        raise exc
+    return main
+
+
+@pytest.mark.parametrize("exc, code, expected", [
+    (UserError("--flag is wrong; use another"), 2, "error: --flag is wrong; use another"),
+    (NonFiniteLossError(3, 7, 1e-3, float("nan")), 1, "error: loss is nan at epoch 3, step 7"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_launch_exit_codes_for_known_failures(exc, code, expected, capsys):
+    assert cli.launch(_raise(exc), None) == code
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and "Traceback" not in err
+
+
+def test_launch_reports_a_bug_with_its_traceback_and_leaves_the_process_group(capsys):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert cli.launch(_raise(ZeroDivisionError("division by zero")), None) == 1
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ZeroDivisionError: division by zero" in err
+
+
+def test_launch_success_leaves_the_process_group_too():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    assert cli.launch(lambda _: torch.zeros(1), None) == 0
+    assert not dist.is_initialized()

@@ -1,0 +1,49 @@
+"""util/settings.py: every setting left to a default is resolved once, from the flags and the machine."""
+import pytest
+import torch
+
+import main_finetune
+import main_pretrain
+import util.precision as precision
+from util.errors import UserError
+from util.settings import resolve_lr, resolve_settings
+
+
+def _args(module, *argv):
+    return module.get_args_parser().parse_args(["--data_path", "unused", "--output_dir", "", *map(str, argv)])
+
+
+def test_lr_from_blr_and_the_effective_batch():
+    assert resolve_lr(None, 1e-3, 4096) == pytest.approx(1.6e-2)
+    assert resolve_lr(5e-4, 1e-3, 4096) == 5e-4  # --lr wins
+
+
+def test_defaults_resolved_for_this_machine(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    args = _args(main_pretrain, "--device", "cpu", "--batch_size", "8", "--accum_iter", "4", "--blr", "1e-3")
+    assert resolve_settings(args) == torch.device("cpu")
+    assert (args.amp, args.compile, args.attn, args.patch_embed) == ("none", False, "sdpa", "linear")
+    assert args.lr == pytest.approx(1e-3 * 32 / 256)
+    assert (args.distributed, args.world_size, args.resume, args.start_epoch) == (False, 1, "", 0)
+
+
+def test_given_values_are_kept(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    args = _args(main_finetune, "--device", "cpu", "--amp", "none", "--compile", "--attn", "math",
+                 "--patch_embed", "conv", "--lr", "0.5")
+    resolve_settings(args)
+    assert (args.amp, args.compile, args.attn, args.patch_embed, args.lr) == ("none", True, "math", "conv", 0.5)
+    args = _args(main_finetune, "--device", "cpu")
+    resolve_settings(args)
+    assert (args.amp, args.attn) == ("bf16", "math")  # native bf16: bf16 and the explicit attention
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--print_freq", "0"], "--print_freq must be at least 1, got 0"),
+    (["--device", "tpu0"], "--device tpu0 is not a device"),
+])
+def test_bad_values_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        resolve_settings(_args(main_pretrain, *argv))
+    with pytest.raises(UserError, match="--data_path is required"):
+        resolve_settings(main_pretrain.get_args_parser().parse_args([]))
