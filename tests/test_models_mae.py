@@ -256,7 +256,7 @@ def test_forward_draws_exactly_one_uniform_noise_tensor():
 
 
 def _naive_forward(m, imgs, mask_ratio, noise):
-    """Spec §2 forward, step by step with explicit per-sample loops, reusing the model's layers."""
+    """The reference forward (encoder, decoder, loss on removed patches), step by step with explicit per-sample loops, reusing the model's layers."""
     N = imgs.shape[0]
     p = m.patch_embed.patch_size[0]
     D = m.cls_token.shape[-1]

@@ -11,7 +11,7 @@ from util.pos_embed import (get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos
 
 
 def _hand_entry(embed_dim, row, col, channel):
-    """SPEC §4 formula with python math: first half = width coordinate, second half = height."""
+    """The 2-D sin-cos table with python math: first half = width coordinate, second half = height."""
     half = embed_dim // 2
     coord = col if channel < half else row
     k = channel % half
