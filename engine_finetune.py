@@ -9,17 +9,19 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from timm.data import Mixup
 
-from util.engine_loop import train_epoch
+from util.engine_loop import AfterStep, train_epoch
 from util.logger import log
 from util.metrics import MetricLogger, SmoothedValue
 from util.precision import autocast, resolve_amp
+from util.resume import EpochPosition
 from util.transforms import normalize_images
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler: Any,
                     max_norm: Optional[float] = 0, mixup_fn: Optional[Mixup] = None,
-                    log_writer: Optional[Any] = None, args: Optional[Any] = None) -> Dict[str, float]:
+                    log_writer: Optional[Any] = None, args: Optional[Any] = None,
+                    position: Optional[EpochPosition] = None, after_step: Optional[AfterStep] = None) -> Dict[str, float]:
     """Train for one epoch; return the global averages of 'loss' and 'lr'.
 
     Args:
@@ -30,6 +32,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         mixup_fn: timm Mixup/CutMix applied to each batch, or None.
         log_writer: TensorBoard SummaryWriter or None (scalars 'loss' and 'lr').
         args: needs accum_iter and the lr schedule fields; optional amp, print_freq.
+        position, after_step: continue a stopped epoch, and the step-boundary hook (util/engine_loop.py).
     """
     def compute_loss(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         samples = normalize_images(samples)  # uint8 batches are normalised here, on the device
@@ -39,7 +42,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         return criterion(outputs, targets)
 
     return train_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, compute_loss,
-                       args=args, log_writer=log_writer, loss_tag="loss", clip_grad=max_norm)
+                       args=args, log_writer=log_writer, loss_tag="loss", clip_grad=max_norm, position=position,
+                       after_step=after_step)
 
 
 @torch.no_grad()

@@ -8,13 +8,15 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
-from util.engine_loop import train_epoch
+from util.engine_loop import AfterStep, train_epoch
+from util.resume import EpochPosition
 from util.transforms import normalize_images
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler: Any,
-                    log_writer: Optional[Any] = None, args: Optional[Any] = None) -> Dict[str, float]:
+                    log_writer: Optional[Any] = None, args: Optional[Any] = None,
+                    position: Optional[EpochPosition] = None, after_step: Optional[AfterStep] = None) -> Dict[str, float]:
     """Train for one epoch; return the global averages of the logged meters ('loss', 'lr').
 
     Args:
@@ -24,6 +26,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         loss_scaler: util.precision.NativeScalerWithGradNormCount (backward + step).
         log_writer: TensorBoard SummaryWriter or None (scalars 'train_loss' and 'lr').
         args: needs accum_iter, mask_ratio and the lr schedule fields; optional amp, print_freq.
+        position, after_step: continue a stopped epoch, and the step-boundary hook (util/engine_loop.py).
     """
     def compute_loss(samples: torch.Tensor, _targets: Any) -> torch.Tensor:
         samples = normalize_images(samples)  # uint8 batches are normalised here, on the device
@@ -31,4 +34,5 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         return loss
 
     return train_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, compute_loss,
-                       args=args, log_writer=log_writer, loss_tag="train_loss")
+                       args=args, log_writer=log_writer, loss_tag="train_loss", position=position,
+                       after_step=after_step)

@@ -94,14 +94,14 @@ def main(args: argparse.Namespace) -> None:
     log(optimizer)
     loss_scaler = make_loss_scaler(args.amp, device)
 
-    restore(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = restore(args, model_without_ddp, optimizer, loss_scaler)
     log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch)
 
     vis_images = fixed_images(dataset_train, args.input_size) if log_writer is not None and args.vis_freq else None
 
-    def train_and_show(epoch: int) -> dict:
+    def train_and_show(epoch: int, **resume) -> dict:
         stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                log_writer=log_writer, args=args)
+                                log_writer=log_writer, args=args, **resume)
         if vis_images is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
             log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, args.mask_ratio, device)
         return stats
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> None:
     runner.train_loop(
         args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
         loss_scaler=loss_scaler, data_loader_train=data_loader_train, train_one_epoch=train_and_show,
-        log_writer=log_writer, numbered_every=args.save_freq)
+        log_writer=log_writer, numbered_every=args.save_freq, resumed=resumed)
     if log_writer is not None:
         log_writer.close()
 

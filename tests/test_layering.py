@@ -17,7 +17,7 @@ LAYERS = [
               "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.visualize"]),
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
-    ("checkpoint", ["util.checkpoint", "util.resume"]),
+    ("checkpoint", ["util.checkpoint", "util.resume", "util.preemption"]),
     ("data", ["util.transforms", "util.datasets"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop"]),

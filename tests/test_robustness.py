@@ -17,6 +17,7 @@ import main_linprobe
 import main_pretrain
 import util.cli as cli
 from conftest import make_image_folder
+from util.errors import CheckpointWriteError
 from helpers import ROOT, TINY_PRETRAIN, free_port, read_log, run_entry, run_script
 
 TINY_CLS = ["--model", "vit_tiny_patch16", "--input_size", "32", "--batch_size", "2", "--warmup_epochs", "1",
@@ -251,8 +252,9 @@ def test_crash_while_saving_keeps_previous_checkpoint(image_folder, tmp_path, mo
     monkeypatch.setattr(ckpt_lib.torch, "save", broken_save)
     args = main_pretrain.get_args_parser().parse_args(
         [*TINY_PRETRAIN, "--data_path", image_folder, "--epochs", "2", "--output_dir", str(out), "--log_dir", ""])
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match="disk full") as e:
         main_pretrain.main(args)
+    assert f"cannot write checkpoint {out / 'checkpoint-last.pth'}" in str(e.value)
     monkeypatch.undo()
     again = ckpt_lib.load_checkpoint(str(out / "checkpoint-last.pth"))
     assert again["epoch"] == good["epoch"] == 0

@@ -1,6 +1,8 @@
-"""The submitit launchers: flags, a local CPU job, and a requeue that resumes."""
-import json
+"""The submitit launchers: flags, and a local CPU job that a signal requeues and that resumes mid-epoch."""
 import os
+import re
+import signal
+import time
 
 import pytest
 import torch
@@ -8,7 +10,9 @@ import torch
 import submitit_finetune
 import submitit_linprobe
 import submitit_pretrain
+from conftest import make_image_folder
 from helpers import read_log
+from util.checkpoint import atomic_save
 
 LAUNCHER_FLAGS = ["--ngpus", "--nodes", "--timeout", "--job_dir", "--partition", "--use_volta32", "--comment",
                   "--cluster"]
@@ -29,44 +33,58 @@ def test_help_lists_launcher_flags(module, capsys):
 
 def _tiny(job_dir, data, *extra):
     return ["--cluster", "local", "--ngpus", "1", "--nodes", "1", "--device", "cpu", "--job_dir", job_dir,
-            "--data_path", data, "--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "4",
-            "--warmup_epochs", "1", "--num_workers", "0", "--timeout", "10", *extra]
+            "--data_path", data, "--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "2",
+            "--warmup_epochs", "1", "--num_workers", "0", "--timeout", "10", "--print_freq", "1", *extra]
+
+
+def _children(pid):
+    """Process ids whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
 
 
 @pytest.mark.e2e
-def test_local_job_then_requeue_resumes_from_newest(image_folder, tmp_path, monkeypatch):
+def test_signal_requeues_the_job_and_it_resumes_mid_epoch(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=24, size=32)  # 24 steps per epoch
     monkeypatch.chdir(tmp_path)
-    job_dir = str(tmp_path / "jobs" / "%j")
-    # a first job that stops after epoch 0 of 3 (as if its time ran out)
-    job = submitit_pretrain.main(_tiny(job_dir, image_folder, "--epochs", "3", "--stop_epoch", "1"))
-    job.result()
-    out = tmp_path / "jobs" / str(job.job_id)
-    assert {"checkpoint-0.pth", "checkpoint-last.pth", "log.txt"} <= set(os.listdir(out))
-    assert [r["epoch"] for r in read_log(out)] == [0]
-    assert (out / f"{job.job_id}_0_log.out").exists()
+    job = submitit_pretrain.main(_tiny(str(tmp_path / "jobs" / "%j"), data, "--epochs", "2"))
+    deadline = time.time() + 180
+    while "Epoch: [1]  [ 5/24]" not in (job.paths.stdout.read_text() if job.paths.stdout.exists() else ""):
+        assert time.time() < deadline and job.get_info()["jobState"] == "RUNNING", "the job never got to epoch 1"
+        time.sleep(0.1)
+    # what SLURM sends before the time limit (--signal USR2@120): submitit's requeue signal
+    (task,) = _children(job._process.pid)
+    os.kill(task, signal.SIGUSR2)
+    job.result()  # the local controller restarts the task that asked to be requeued; wait for it to finish
 
-    # what submitit does on timeout: call checkpoint() on the job's trainer (its args resolved in the job)
-    args = submitit_pretrain.parse_args(_tiny(job_dir, image_folder, "--epochs", "3"))
+    out = tmp_path / "jobs" / str(job.job_id)
+    stdout = job.paths.stdout.read_text()
+    assert "received SIGUSR2" in stdout and f"Resume checkpoint {out / 'checkpoint-last.pth'}" in stdout
+    step = int(re.search(r"Continuing epoch 1 at step (\d+)", stdout).group(1))
+    assert 6 <= step < 24
+    assert f"Epoch: [1]  [{step:2d}/24]" in stdout.split("Continuing epoch 1")[1]  # not from its beginning
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_requeue_resumes_from_the_newest_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    for epoch, name in ((0, "checkpoint-0.pth"), (3, "checkpoint-last.pth")):
+        atomic_save({"epoch": epoch, "model": {}}, out / name)
+    args = submitit_pretrain.parse_args(["--job_dir", str(tmp_path / "jobs" / "%j"), "--data_path", "unused"])
     args.output_dir = str(out)
-    args.job_dir = job_dir
     args.resume = str(out / "checkpoint-0.pth")  # even an explicit older --resume gives way to the newest
-    torch.save(torch.load(out / "checkpoint-last.pth", weights_only=True), out / "checkpoint-last.pth")
     delayed = submitit_pretrain.Trainer(args).checkpoint()
     trainer = delayed.function
     assert isinstance(trainer, submitit_pretrain.Trainer)
     assert trainer.args.resume == str(out / "checkpoint-last.pth")
     assert trainer.args.dist_url.startswith("file://")
-
-    # run the requeued trainer as a new job: it continues at epoch 1
-    import submitit
-    executor = submitit.AutoExecutor(folder=str(tmp_path / "requeue"), cluster="local")
-    executor.update_parameters(timeout_min=10, tasks_per_node=1, nodes=1, gpus_per_node=0)
-    job2 = executor.submit(trainer)
-    job2.result()
-    log_out = open(job2.paths.stdout).read()
-    assert f"Resume checkpoint {out / 'checkpoint-last.pth'}" in log_out
-    assert "Epoch: [1]" in log_out and "Epoch: [0]" not in log_out
-    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
-    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 2
-    with open(out / "args.json") as f:
-        assert json.load(f)["resume"] == str(out / "checkpoint-last.pth")

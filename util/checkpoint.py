@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from util.distributed import is_main_process
-from util.errors import CheckpointError
+from util.errors import CheckpointError, CheckpointWriteError
 from util.logger import log
 from util.pos_embed import interpolate_pos_embed
 
@@ -22,19 +22,29 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 
 
 def atomic_save(obj: Any, path: os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A failed write (full disk, file-size limit, permissions) leaves `path` as it was and raises a
+    CheckpointWriteError naming it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        os_error = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
+        if os_error is not None:  # torch.save reports a failed write as a RuntimeError over the OSError
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {os_error}; free space on that disk (or raise its limit) or "
+                f"point --output_dir elsewhere, then rerun: the checkpoints already written are unchanged") from None
         raise
 
 

@@ -37,7 +37,7 @@ def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: 
     """Resume, then either --eval once or train with evaluation every epoch; return the last test stats."""
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     log("number of params (M): %.2f" % (n_parameters / 1.e6))
-    restore(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = restore(args, model_without_ddp, optimizer, loss_scaler)
     n_val = len(data_loader_val.dataset)
 
     def eval_epoch() -> Dict[str, float]:
@@ -65,11 +65,11 @@ def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: 
     train_loop(
         args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
         data_loader_train=data_loader_train,
-        train_one_epoch=lambda epoch: train_one_epoch(model, criterion, data_loader_train, optimizer, device,
-                                                      epoch, loss_scaler, max_norm, mixup_fn,
-                                                      log_writer=log_writer, args=args),
+        train_one_epoch=lambda epoch, **resume: train_one_epoch(model, criterion, data_loader_train, optimizer,
+                                                                device, epoch, loss_scaler, max_norm, mixup_fn,
+                                                                log_writer=log_writer, args=args, **resume),
         evaluate=eval_and_track, log_writer=log_writer, numbered_every=1,
-        extra_log={"n_parameters": n_parameters})
+        extra_log={"n_parameters": n_parameters}, resumed=resumed)
     if log_writer is not None:
         log_writer.close()
     return state["last"]

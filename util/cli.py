@@ -11,7 +11,7 @@ import traceback
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from util.distributed import destroy_process_group
-from util.errors import NonFiniteLossError, UserError
+from util.errors import NonFiniteLossError, Preempted, UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
 from util.precision import AMP_DTYPES
 
@@ -116,6 +116,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     ours.add_argument("--stop_epoch", default=None, type=int, metavar="N",
                       help="end this run before epoch N while keeping the --epochs schedule; the same command "
                            "without it resumes (for time-limited jobs)")
+    ours.add_argument("--save_every_minutes", default=None, type=float, metavar="M",
+                      help="also write checkpoint-last.pth inside an epoch every M minutes of training, so a hard "
+                           "kill loses at most M minutes (default: off; a stop signal always saves the position)")
     ours.add_argument("--strict_data", action="store_true",
                       help="stop at the first unreadable image instead of skipping it with a warning")
     ours.add_argument("--dist_timeout", default=30, type=float, metavar="MIN",
@@ -155,7 +158,9 @@ def launch(main: Callable[[Any], Any], args: Any) -> int:
     """Run main(args) and return the exit code; the process group is always left.
 
     0 on success; 2 with one `error:` line for user mistakes; 1 with one line for a non-finite loss;
-    130 on Ctrl-C; 1 with the full traceback for anything else (a bug must look like a bug).
+    128 + the signal number with one `stopped` line when a stop signal ended training after saving its
+    position (rerun to continue); 130 on Ctrl-C; 1 with the full traceback for anything else (a bug must
+    look like a bug).
     """
     code = 0
     try:
@@ -165,6 +170,9 @@ def launch(main: Callable[[Any], Any], args: Any) -> int:
         code = e.exit_code
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
         code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

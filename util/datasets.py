@@ -5,7 +5,7 @@ util/transforms.py).
 """
 import multiprocessing
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import PIL
@@ -19,8 +19,8 @@ from util.errors import DataError, UserError
 from util.logger import log, warn
 from util.transforms import build_transform
 
-__all__ = ["ImageFolder", "ShardSampler", "build_dataset", "build_transform", "eval_loader", "split_folder",
-           "train_loader"]
+__all__ = ["ImageFolder", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform", "eval_loader",
+           "split_folder", "train_loader"]
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -96,6 +96,37 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Callable] = Non
 # ----------------------------------------------------------------------------
 # loaders
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (same per-epoch order) whose current epoch can continue from a saved position.
+
+    `order()` is this rank's order for the current epoch; `resume_from(order, start)` makes the rest of
+    the epoch yield order[start:]. `set_epoch` starts a new epoch from its beginning.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._saved: Optional[List[int]] = None  # the current epoch's saved order, when resumed
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._saved, self._start = None, 0
+
+    def order(self) -> List[int]:
+        """This rank's sample order for the current epoch (all of it, also when resumed)."""
+        return list(self._saved) if self._saved is not None else list(super().__iter__())
+
+    def resume_from(self, order: Sequence[int], start: int) -> None:
+        """Continue the current epoch at position `start` of this rank's saved `order`."""
+        self._saved, self._start = [int(i) for i in order], start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._saved[self._start:]) if self._saved is not None else super().__iter__()
+
+    def __len__(self) -> int:
+        return len(self._saved) - self._start if self._saved is not None else self.num_samples
+
+
 class ShardSampler(Sampler):
     """Every index exactly once across ranks (rank r takes r, r+W, ...): no padding duplicates."""
 
@@ -122,7 +153,7 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: b
     if len(dataset) < batch_size * world:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch "
                         f"({batch_size} x {world} processes); lower --batch_size")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=get_rank(), seed=seed)
     log("Sampler_train = %s" % str(sampler))
     return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=True)
 

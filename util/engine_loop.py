@@ -1,7 +1,8 @@
 """The training-epoch loop both engines share, and its parts.
 
 Accumulation boundaries, DDP no_sync on micro-steps, deferred NaN checks and buffered TensorBoard
-scalars: nothing waits for the device between console prints.
+scalars: nothing waits for the device between console prints. An epoch can continue from a saved
+position, and a hook at every optimizer-step boundary may save one and stop (util/runner.py).
 """
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -14,6 +15,11 @@ from util.errors import NonFiniteLossError
 from util.logger import log
 from util.metrics import MetricLogger, SmoothedValue
 from util.precision import autocast
+from util.resume import EpochPosition, set_rng_state
+
+# called at each optimizer-step boundary with (batches done this epoch, the epoch's meters, a function
+# that raises if a loss since the last check was not finite)
+AfterStep = Callable[[int, MetricLogger, Callable[[], None]], None]
 
 
 def maybe_no_sync(model: torch.nn.Module, update_grad: bool):
@@ -70,7 +76,8 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
                 device: torch.device, epoch: int, loss_scaler: Any,
                 compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                 args: Any, log_writer: Optional[Any] = None, loss_tag: str = "loss",
-                clip_grad: Optional[float] = None) -> Dict[str, float]:
+                clip_grad: Optional[float] = None, position: Optional[EpochPosition] = None,
+                after_step: Optional[AfterStep] = None) -> Dict[str, float]:
     """One epoch of optimisation; returns the global averages of 'loss' and 'lr'.
 
     Args:
@@ -78,6 +85,9 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
         args: accum_iter and the lr schedule fields; optional amp and print_freq.
         loss_tag: TensorBoard tag of the loss ('train_loss' for pre-training, 'loss' for fine-tuning).
         clip_grad: max gradient norm, or None (or 0) for no clipping.
+        position: continue this epoch after position.step batches (the loader yields only the rest):
+            step numbers, lr schedule, meters and random state carry on as if never interrupted.
+        after_step: hook at every optimizer-step boundary (see AfterStep).
     """
     model.train(True)
     metric_logger = MetricLogger(delimiter="  ")
@@ -94,8 +104,17 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
     if log_writer is not None:
         log("log_dir: {}".format(log_writer.log_dir))
 
-    num_steps = len(data_loader)
-    for data_iter_step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    start = 0
+    if position is not None:
+        start = position.step
+        metric_logger.load_totals(position.meters)
+    num_steps = start + len(data_loader)
+    batches = data_loader
+    if position is not None:
+        batches = iter(data_loader)
+        set_rng_state(position.rng)  # iter() drew the loader's seed: back to the state at the saved step
+    for data_iter_step, (samples, targets) in enumerate(
+            metric_logger.log_every(batches, print_freq, header, start=start), start=start):
         # a per-iteration (instead of per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / num_steps + epoch, args)
@@ -127,6 +146,8 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
         if data_iter_step % print_freq == 0 or data_iter_step == num_steps - 1:
             watch.check()  # the only read-back of the loss between prints
             scalars.flush()
+        if update_grad and after_step is not None:
+            after_step(data_iter_step + 1, metric_logger, watch.check)
 
     watch.check()
     scalars.flush()

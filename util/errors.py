@@ -1,4 +1,5 @@
 """Exceptions that entry points turn into one-line messages and exit codes."""
+import signal
 
 
 class UserError(Exception):
@@ -27,3 +28,28 @@ class NonFiniteLossError(RuntimeError):
             f"The last good checkpoints are kept: lower --blr, raise --warmup_epochs or try "
             f"--amp bf16/none, then resume."
         )
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, file-size limit, permissions); older files are kept."""
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving its position; rerunning the command continues from there.
+
+    The exit code is 128 + the signal number, as for a process ended by that signal.
+    """
+
+    def __init__(self, signum: int, epoch: int, step: int):
+        self.signum, self.epoch, self.step = signum, epoch, step
+        self.exit_code = 128 + signum
+        name = _signal_name(signum)
+        super().__init__(f"stopped by {name} at epoch {epoch}, step {step}: checkpoint-last.pth holds this "
+                         f"position; run the same command again to continue from it")
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -9,7 +9,7 @@ References:
 import datetime
 import time
 from collections import defaultdict, deque
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -107,20 +107,32 @@ class MetricLogger:
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
-        """Yield from iterable, printing progress every print_freq items and at the end."""
+    def totals(self) -> Dict[str, List[float]]:
+        """meter -> [total, count] of this process (reads device values back), for a mid-epoch checkpoint."""
+        return {name: [_to_float(m.total), m.count] for name, m in self.meters.items()}
+
+    def load_totals(self, totals: Dict[str, List[float]]) -> None:
+        """Continue the global averages from `totals()` of an earlier run."""
+        for name, (total, count) in totals.items():
+            self.meters[name].total, self.meters[name].count = float(total), int(count)
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", start: int = 0) -> Iterator:
+        """Yield from iterable, printing progress every print_freq items and at the end.
+
+        `start`: items already done before this iterable (a resumed epoch), counted in the printed index.
+        """
         start_time = time.time()
         end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
-        total = len(iterable)
+        total = start + len(iterable)
         space_fmt = ":" + str(len(str(total))) + "d"
         parts = [header, "[{0" + space_fmt + "}/{1}]", "eta: {eta}", "{meters}", "time: {time}", "data: {data}"]
         if torch.cuda.is_available():
             parts.append("max mem: {memory:.0f}")
         log_msg = self.delimiter.join(parts)
         mb = 1024.0 * 1024.0
-        i = 0
+        i = start
         for obj in iterable:
             data_time.update(time.time() - end)
             yield obj
@@ -136,4 +148,4 @@ class MetricLogger:
             end = time.time()
         total_time = time.time() - start_time
         log(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
-            f"({total_time / max(total, 1):.4f} s / it)")
+            f"({total_time / max(total - start, 1):.4f} s / it)")

@@ -5,11 +5,14 @@
   the run starts at.
 - `restore`: load that checkpoint into the model, optimizer and scaler, and every rank's random state.
 - `save_epoch`: checkpoint-last.pth each epoch, checkpoint-{epoch}.pth as a hard link of it when due.
+- `save_position` / `epoch_position`: checkpoint-last.pth in the middle of an epoch (on a stop signal or
+  every --save_every_minutes) and, on resume, where this rank continues inside that epoch.
 - `truncate_log` and `remove_stale_temp_files`: a rerun repeats no log line and keeps no partial file.
 """
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -164,6 +167,58 @@ def save_epoch(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp:
             atomic_save(torch.load(last, map_location="cpu", weights_only=True), target)
         else:
             os.replace(tmp, target)
+
+
+@dataclass
+class EpochPosition:
+    """Where this rank continues inside an epoch, from a mid-epoch checkpoint."""
+
+    epoch: int
+    step: int  # batches already trained in this epoch (an optimizer-step boundary)
+    order: List[int]  # this rank's sample order for the whole epoch
+    meters: Dict[str, List[float]]  # meter -> [total, count] so far, for an honest epoch average
+    rng: Dict[str, Any]  # this rank's random state at that step
+
+
+def save_position(args: Any, epoch: int, step: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, loss_scaler: Any, order: List[int],
+                  meters: Dict[str, List[float]], num_samples: int) -> None:
+    """checkpoint-last.pth in the middle of `epoch`, after `step` batches (a collective in distributed runs).
+
+    The reference's entries keep their meaning (`epoch` is the last finished one, so other tools see
+    the end of epoch - 1); `position` adds the step, every rank's sample order and meters, and the
+    training-set size (to notice a changed data set); `rng` holds every rank's state at that step.
+    """
+    per_rank = all_gather_objects({"rng": get_rng_state(), "order": torch.tensor(order, dtype=torch.int64),
+                                   "meters": meters})
+    if not args.output_dir:
+        return
+    position = {"epoch": epoch, "step": step, "num_samples": num_samples, "world_size": len(per_rank),
+                "order": [r["order"] for r in per_rank], "meters": [r["meters"] for r in per_rank]}
+    save_model(args, epoch - 1, model, model_without_ddp, optimizer, loss_scaler, name="last",
+               extra={"rng": [r["rng"] for r in per_rank], "position": position})
+
+
+def epoch_position(checkpoint: Optional[Dict[str, Any]], num_samples: int) -> Optional[EpochPosition]:
+    """This rank's position inside an epoch from a mid-epoch checkpoint, or None.
+
+    None, with a warning, when the training set or the number of processes changed since it was saved:
+    the epoch then starts again from its beginning instead of indexing a stale order.
+    """
+    position = (checkpoint or {}).get("position")
+    if not position:
+        return None
+    epoch, saved = position["epoch"], position["num_samples"]
+    if saved != num_samples or position["world_size"] != get_world_size():
+        change = (f"the training set has {num_samples} images, {saved} when it was saved" if saved != num_samples
+                  else f"this run has {get_world_size()} processes, {position['world_size']} when it was saved")
+        warn(f"checkpoint-last.pth stopped inside epoch {epoch}, but {change}: restarting epoch {epoch} "
+             f"from its beginning")
+        return None
+    rank = get_rank()
+    log(f"Continuing epoch {epoch} at step {position['step']}")
+    return EpochPosition(epoch, int(position["step"]), position["order"][rank].tolist(),
+                         position["meters"][rank], checkpoint["rng"][rank])
 
 
 def truncate_log(path: str, start_epoch: int) -> None:

@@ -14,13 +14,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from util.checkpoint import to_plain
 from util.distributed import get_rank, is_main_process
+from util.engine_loop import AfterStep
 from util.errors import UserError
 from util.logger import log, warn
-from util.resume import remove_stale_temp_files, save_epoch, truncate_log
+from util.metrics import MetricLogger
+from util.preemption import StopGuard
+from util.resume import epoch_position, remove_stale_temp_files, save_epoch, save_position, truncate_log
 from util.settings import resolve_settings
 
 
@@ -93,18 +96,23 @@ def tensorboard_writer(log_dir: str, start_epoch: int, enabled: bool = True):
 
 def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                optimizer: torch.optim.Optimizer, loss_scaler: Any, data_loader_train: DataLoader,
-               train_one_epoch: Callable[[int], Dict[str, float]],
+               train_one_epoch: Callable[..., Dict[str, float]],
                evaluate: Optional[Callable[[int], Dict[str, float]]] = None,
                log_writer: Any = None, numbered_every: int = 1,
-               extra_log: Optional[Dict[str, Any]] = None) -> None:
+               extra_log: Optional[Dict[str, Any]] = None, resumed: Optional[Dict[str, Any]] = None) -> None:
     """Train from args.start_epoch to args.epochs (or --stop_epoch): train, evaluate, log, save, per epoch.
+
+    On SIGTERM / SIGUSR1 / SIGUSR2 every rank finishes the optimizer step it is in, checkpoint-last.pth
+    records the position inside the epoch, and Preempted is raised (after submitit's requeue handler,
+    where there is one); with --save_every_minutes the same position is saved every M minutes.
 
     Args:
         args: the resolved run settings; saved in every checkpoint, not changed.
-        train_one_epoch: epoch -> training stats.
+        train_one_epoch: (epoch, position=, after_step=) -> training stats (see util/engine_loop.py).
         evaluate: epoch -> test stats, or None for no evaluation.
         numbered_every: write checkpoint-{epoch}.pth every this many epochs and at the last one.
         extra_log: constant entries for every log.txt line (e.g. n_parameters).
+        resumed: the checkpoint the run resumed from (util.resume.restore), to continue inside its epoch.
     """
     log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
     if log_path and is_main_process():
@@ -116,26 +124,50 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
     log(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     end_epoch = args.epochs if getattr(args, "stop_epoch", None) is None else min(args.stop_epoch, args.epochs)
-    for epoch in range(args.start_epoch, end_epoch):
-        if isinstance(data_loader_train.sampler, DistributedSampler):
-            data_loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(epoch)
-        test_stats = evaluate(epoch) if evaluate is not None else {}
-        skipped = getattr(data_loader_train.dataset, "skipped", 0)
-        if skipped:
-            warn(f"epoch {epoch}: {skipped} unreadable training image(s) skipped so far (see the warnings "
-                 f"above; --strict_data stops at the first)")
+    sampler = data_loader_train.sampler
+    num_samples = len(data_loader_train.dataset)
+    position = epoch_position(resumed, num_samples)
 
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch, **(extra_log or {})}
-        if log_path and is_main_process():
-            if log_writer is not None:
-                log_writer.flush()
-            with open(log_path, mode="a", encoding="utf-8") as f:
-                f.write(json.dumps(log_stats) + "\n")
-        numbered = epoch % numbered_every == 0 or epoch + 1 == args.epochs
-        save_epoch(args, epoch, model, model_without_ddp, optimizer, loss_scaler, numbered)
+    with StopGuard(getattr(args, "save_every_minutes", None)) as guard:
+        def step_hook(epoch: int) -> AfterStep:
+            def after_step(step: int, metric_logger: MetricLogger, check_losses: Callable[[], None]) -> None:
+                signum, due = guard.poll()
+                if not (signum or due):
+                    return
+                check_losses()  # never save a position reached through a NaN
+                save_position(args, epoch, step, model, model_without_ddp, optimizer, loss_scaler, sampler.order(),
+                              metric_logger.totals(), num_samples)
+                guard.saved()
+                if signum:
+                    guard.stop(signum, epoch, step)
+            return after_step
+
+        for epoch in range(args.start_epoch, end_epoch):
+            sampler.set_epoch(epoch)
+            here = position if position is not None and position.epoch == epoch else None
+            if here is not None:
+                sampler.resume_from(here.order, here.step * data_loader_train.batch_size)
+            train_stats = train_one_epoch(epoch, position=here, after_step=step_hook(epoch))
+            test_stats = evaluate(epoch) if evaluate is not None else {}
+            skipped = getattr(data_loader_train.dataset, "skipped", 0)
+            if skipped:
+                warn(f"epoch {epoch}: {skipped} unreadable training image(s) skipped so far (see the warnings "
+                     f"above; --strict_data stops at the first)")
+
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                         **{f"test_{k}": v for k, v in test_stats.items()},
+                         "epoch": epoch, **(extra_log or {})}
+            if log_path and is_main_process():
+                if log_writer is not None:
+                    log_writer.flush()
+                with open(log_path, mode="a", encoding="utf-8") as f:
+                    f.write(json.dumps(log_stats) + "\n")
+            numbered = epoch % numbered_every == 0 or epoch + 1 == args.epochs
+            save_epoch(args, epoch, model, model_without_ddp, optimizer, loss_scaler, numbered)
+            guard.saved()
+            signum, _ = guard.poll()  # a signal during evaluation or saving: stop at this epoch boundary
+            if signum and epoch + 1 < end_epoch:
+                guard.stop(signum, epoch + 1, 0)
 
     total_time = time.time() - start_time
     log("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))

@@ -23,6 +23,8 @@ def check_common_args(args: Any) -> None:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.save_every_minutes is not None and args.save_every_minutes <= 0:
+        raise UserError(f"--save_every_minutes must be more than 0, got {args.save_every_minutes}")
     if not args.data_path:
         raise UserError("--data_path is required: a folder with train/ (and val/) sub-folders of class folders")
 
