@@ -11,7 +11,7 @@ import main_pretrain
 import submitit_pretrain
 import util.cli as cli
 from helpers import free_port
-from util.errors import NonFiniteLossError, UserError
+from util.errors import NonFiniteLossError, Preempted, UserError
 
 ENTRY_POINTS = [main_pretrain, main_finetune, main_linprobe]
 
@@ -65,6 +65,8 @@ def _raise(exc):
     (UserError("--flag is wrong; use another"), 2, "error: --flag is wrong; use another"),
     (NonFiniteLossError(3, 7, 1e-3, float("nan")), 1, "error: loss is nan at epoch 3, step 7"),
     (KeyboardInterrupt(), 130, "interrupted"),
+    (Preempted(15, 2, 7), 143, "stopped by SIGTERM at epoch 2, step 7: checkpoint-last.pth holds this position"),
+    (Preempted(10, 0, 3, saved=False), 138, "stopped by SIGUSR1 at epoch 0, step 3: nothing was saved"),
 ])
 def test_launch_exit_codes_for_known_failures(exc, code, expected, capsys):
     assert cli.launch(_raise(exc), None) == code

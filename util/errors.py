@@ -40,12 +40,13 @@ class Preempted(Exception):
     The exit code is 128 + the signal number, as for a process ended by that signal.
     """
 
-    def __init__(self, signum: int, epoch: int, step: int):
+    def __init__(self, signum: int, epoch: int, step: int, saved: bool = True):
         self.signum, self.epoch, self.step = signum, epoch, step
         self.exit_code = 128 + signum
         name = _signal_name(signum)
-        super().__init__(f"stopped by {name} at epoch {epoch}, step {step}: checkpoint-last.pth holds this "
-                         f"position; run the same command again to continue from it")
+        where = ("checkpoint-last.pth holds this position; run the same command again to continue from it"
+                 if saved else "nothing was saved (--output_dir is empty)")
+        super().__init__(f"stopped by {name} at epoch {epoch}, step {step}: {where}")
 
 
 def _signal_name(signum: int) -> str:

@@ -68,11 +68,11 @@ class StopGuard:
         """A checkpoint was just written: the cadence starts again."""
         self._last_save = time.monotonic()
 
-    def stop(self, signum: int, epoch: int, step: int) -> None:
+    def stop(self, signum: int, epoch: int, step: int, saved: bool = True) -> None:
         """End training after the position was saved: hand the signal to the handler that was there
         before (submitit's requeue, which exits on rank 0), then raise Preempted."""
         previous = self._previous.get(signum)
         self.__exit__()
         if callable(previous):
             previous(signum, None)
-        raise Preempted(signum, epoch, step)
+        raise Preempted(signum, epoch, step, saved)

@@ -139,7 +139,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
                               metric_logger.totals(), num_samples)
                 guard.saved()
                 if signum:
-                    guard.stop(signum, epoch, step)
+                    guard.stop(signum, epoch, step, saved=bool(args.output_dir))
             return after_step
 
         for epoch in range(args.start_epoch, end_epoch):
@@ -167,7 +167,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
             guard.saved()
             signum, _ = guard.poll()  # a signal during evaluation or saving: stop at this epoch boundary
             if signum and epoch + 1 < end_epoch:
-                guard.stop(signum, epoch + 1, 0)
+                guard.stop(signum, epoch + 1, 0, saved=bool(args.output_dir))
 
     total_time = time.time() - start_time
     log("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))

@@ -7,6 +7,7 @@ On timeout or pre-emption the job requeues itself and resumes from the newest ch
 import argparse
 import importlib
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -15,9 +16,11 @@ import submitit
 
 from util.checkpoint import find_latest_checkpoint
 from util.cli import command_line_parser
+from util.errors import Preempted
 from util.logger import log
 
 DEFAULT_JOB_DIR = os.path.join("submitit_jobs", "%j")
+REQUEUE_GRACE_S = 60  # how long a non-zero rank of a stopped job waits for rank 0's requeue to end it
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,7 +80,14 @@ class Trainer:
     def __call__(self) -> Any:
         trainer = importlib.import_module(self.entry)
         self._setup_gpu_args()
-        return trainer.main(self.args)
+        try:
+            return trainer.main(self.args)
+        except Preempted:
+            if self.args.rank != 0 and submitit.JobEnvironment().name() == "slurm":
+                # submitit's requeue runs on rank 0 and ends the whole job; a task that exits first with an
+                # error could end the job step before rank 0 has requeued it
+                time.sleep(REQUEUE_GRACE_S)
+            raise
 
     def checkpoint(self):
         """Requeue this job, resuming from the newest checkpoint in its output folder."""
