@@ -94,8 +94,8 @@ def main(args: argparse.Namespace) -> None:
     log(optimizer)
     loss_scaler = make_loss_scaler(args.amp, device)
 
-    resumed = restore(args, model_without_ddp, optimizer, loss_scaler)
-    log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch)
+    position = runner.position_in_epoch(restore(args, model_without_ddp, optimizer, loss_scaler), dataset_train, args)
+    log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
 
     vis_images = fixed_images(dataset_train, args.input_size) if log_writer is not None and args.vis_freq else None
 
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> None:
     runner.train_loop(
         args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
         loss_scaler=loss_scaler, data_loader_train=data_loader_train, train_one_epoch=train_and_show,
-        log_writer=log_writer, numbered_every=args.save_freq, resumed=resumed)
+        log_writer=log_writer, numbered_every=args.save_freq, position=position)
     if log_writer is not None:
         log_writer.close()
 

@@ -17,18 +17,21 @@ LAYERS = [
               "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.visualize"]),
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
-    ("checkpoint", ["util.checkpoint", "util.resume", "util.preemption"]),
+    ("checkpoint", ["util.formats", "util.checkpoint", "util.resume", "util.preemption"]),
     ("data", ["util.transforms", "util.datasets"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop"]),
     ("engines", ["engine_pretrain", "engine_finetune"]),
-    ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc"]),
-    ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "benchmark"]),
+    ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc", "util.export"]),
+    ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "benchmark", "export"]),
     ("launchers", ["util.submit", "submitit_pretrain", "submitit_finetune", "submitit_linprobe"]),
 ]
 LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 # imports that stay inside a function on purpose (not to dodge a cycle)
-LAZY_OK = {("util.runner", "torch.utils.tensorboard")}  # slow to import, needed only when logging
+LAZY_OK = {
+    ("util.runner", "torch.utils.tensorboard"),  # slow to import, needed only when logging
+    ("util.export", "transformers"),  # optional dependency, needed only for --format hf
+}
 
 
 def _project_modules():

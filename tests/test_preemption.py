@@ -72,7 +72,9 @@ def test_signal_mid_epoch_costs_one_step_and_rerun_is_bitwise_uninterrupted(data
     assert f"stopped by {signal.Signals(signum).name} at epoch 1, step 6" in line and "same command" in line
     ckpt = load(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 0  # the last finished epoch, as other tools read it
-    assert (ckpt["position"]["epoch"], ckpt["position"]["step"], ckpt["position"]["num_samples"]) == (1, 6, 48)
+    position = ckpt["position"]
+    assert (position["epoch"], position["step"], position["batch_size"], position["accum_iter"]) == (1, 6, 2, 1)
+    assert sorted(position["order"][0].tolist()) == list(range(48))  # the epoch's whole sample order
     assert [r["epoch"] for r in read_log(out)] == [0]
 
     monkeypatch.undo()
@@ -141,19 +143,26 @@ def test_save_every_minutes_writes_positions_at_the_cadence(data48, tmp_path, mo
 
 
 @pytest.mark.e2e
-def test_changed_data_restarts_the_stopped_epoch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["data", "batch_size"])
+def test_changed_data_or_batch_restarts_the_stopped_epoch(change, tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", classes=2, per_class=24, size=32)
     out = tmp_path / "out"
     args = [*COMMON, "--epochs", "2", "--data_path", data, "--output_dir", out]
     _read_hook(monkeypatch, 24 * 2 + 3 * 2 + 1, _send(signal.SIGTERM))
     assert run_entry(main_pretrain, *args, check=False).returncode == 128 + signal.SIGTERM
     monkeypatch.undo()
-    make_image_folder(tmp_path / "more", classes=1, per_class=2, size=32, splits=("train",), seed=5)
-    for name in os.listdir(tmp_path / "more" / "train" / "class0"):
-        os.rename(tmp_path / "more" / "train" / "class0" / name, tmp_path / "data" / "train" / "class0" / f"new{name}")
+    if change == "data":  # images added: a stale order would index the wrong files
+        make_image_folder(tmp_path / "more", classes=1, per_class=2, size=32, splits=("train",), seed=5)
+        for name in os.listdir(tmp_path / "more" / "train" / "class0"):
+            os.rename(tmp_path / "more" / "train" / "class0" / name,
+                      tmp_path / "data" / "train" / "class0" / f"new{name}")
+        expected, first_line = "the training set (images added, removed or renamed)", "Epoch: [1]  [ 0/25]"
+    else:  # another batch size: the saved step would point elsewhere in the order
+        args += ["--batch_size", "4"]
+        expected, first_line = "--batch_size (2 -> 4)", "Epoch: [1]  [ 0/12]"
     proc = run_entry(main_pretrain, *args)
-    assert "the training set has 50 images, 48 when it was saved: restarting epoch 1 from its beginning" in proc.stderr
-    assert "Epoch: [1]  [ 0/25]" in proc.stdout
+    assert f"{expected} changed since: restarting epoch 1 from its beginning" in proc.stderr
+    assert first_line in proc.stdout
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
 
@@ -225,15 +234,15 @@ def test_guard_notes_a_signal_and_puts_the_handlers_back(signum):
     assert signal.getsignal(signum) is before
 
 
-def test_guard_hands_the_signal_to_the_previous_handler_then_stops():
+def test_any_stop_signal_ends_in_the_requeue_handler_then_stops():
     seen = []
     previous = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))  # as submitit's requeue handler
     try:
         with preemption.StopGuard() as guard:
-            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), signal.SIGTERM)  # SLURM's pre-emption signal
             with pytest.raises(preemption.Preempted) as e:
                 guard.stop(guard.poll()[0], epoch=3, step=7)
-        assert seen == [signal.SIGUSR2] and e.value.exit_code == 128 + signal.SIGUSR2
-        assert "stopped by SIGUSR2 at epoch 3, step 7" in str(e.value)
+        assert seen == [signal.SIGUSR2] and e.value.exit_code == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM at epoch 3, step 7" in str(e.value)
     finally:
         signal.signal(signal.SIGUSR2, previous)

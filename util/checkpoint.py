@@ -15,6 +15,7 @@ import torch
 
 from util.distributed import is_main_process
 from util.errors import CheckpointError, CheckpointWriteError
+from util.formats import detect_format, read_weights
 from util.logger import log
 from util.pos_embed import interpolate_pos_embed
 
@@ -178,13 +179,19 @@ def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
 def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> None:
     """Load an encoder from a pre-training (or fine-tuning) checkpoint for --finetune.
 
+    `path` is ours or the reference's .pth, or timm / Hugging Face weights (util/formats.py), told apart
+    by content.
     Drops a head of another shape, resizes the position table to the model's grid, loads
     non-strictly and checks that only the head (and fc_norm with global_pool) may be absent;
     any other missing key or a shape mismatch raises a CheckpointError naming them.
     """
-    checkpoint = load_checkpoint(path)
-    log("Load pre-trained checkpoint from: %s" % path)
-    checkpoint_model = checkpoint.get("model", checkpoint)
+    fmt = detect_format(path)
+    if fmt == "torch":
+        checkpoint = load_checkpoint(path)
+        checkpoint_model = checkpoint.get("model", checkpoint)
+    else:
+        checkpoint_model = read_weights(path, fmt)
+    log("Load pre-trained checkpoint from: %s%s" % (path, "" if fmt == "torch" else f" ({fmt} weights)"))
     if not isinstance(checkpoint_model, dict) or not all(torch.is_tensor(v) for v in checkpoint_model.values()):
         raise CheckpointError(f"{path} holds no model weights (no 'model' state dict)")
     checkpoint_model = dict(checkpoint_model)

@@ -9,7 +9,7 @@ from util.datasets import ImageFolder, build_dataset, eval_loader, train_loader
 from util.errors import UserError
 from util.logger import log
 from util.resume import restore
-from util.runner import tensorboard_writer, train_loop
+from util.runner import position_in_epoch, tensorboard_writer, train_loop
 
 
 def classification_data(args: Any, train_transform: Callable, val_transform: Callable
@@ -38,6 +38,8 @@ def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: 
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     log("number of params (M): %.2f" % (n_parameters / 1.e6))
     resumed = restore(args, model_without_ddp, optimizer, loss_scaler)
+    position = None if args.eval else position_in_epoch(resumed, data_loader_train.dataset, args)
+    del resumed  # the position is all the loop needs: do not hold the checkpoint's tensors
     n_val = len(data_loader_val.dataset)
 
     def eval_epoch() -> Dict[str, float]:
@@ -48,7 +50,7 @@ def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: 
     if args.eval:
         return eval_epoch()
 
-    log_writer = tensorboard_writer(args.log_dir, args.start_epoch)
+    log_writer = tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
     state = {"max_accuracy": 0.0, "last": {}}
 
     def eval_and_track(epoch: int) -> Dict[str, float]:
@@ -69,7 +71,7 @@ def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: 
                                                                 device, epoch, loss_scaler, max_norm, mixup_fn,
                                                                 log_writer=log_writer, args=args, **resume),
         evaluate=eval_and_track, log_writer=log_writer, numbered_every=1,
-        extra_log={"n_parameters": n_parameters}, resumed=resumed)
+        extra_log={"n_parameters": n_parameters}, position=position)
     if log_writer is not None:
         log_writer.close()
     return state["last"]

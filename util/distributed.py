@@ -121,3 +121,12 @@ def all_gather_objects(obj: Any) -> List[Any]:
     out: List[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a collective in distributed runs)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -9,6 +9,7 @@
   every --save_every_minutes) and, on resume, where this rank continues inside that epoch.
 - `truncate_log` and `remove_stale_temp_files`: a rerun repeats no log line and keeps no partial file.
 """
+import hashlib
 import json
 import os
 import random
@@ -21,7 +22,7 @@ import torch
 
 from util.checkpoint import (atomic_save, find_latest_checkpoint, load_checkpoint, load_state_dict_strict,
                              to_plain)
-from util.distributed import all_gather_objects, get_rank, get_world_size, is_main_process
+from util.distributed import all_gather_objects, broadcast_object, get_rank, get_world_size, is_main_process
 from util.errors import CheckpointError
 from util.logger import log, warn
 
@@ -119,7 +120,8 @@ def resolve_resume(resume: str, output_dir: str, auto_resume: bool, eval_only: b
     state, as `load_model` will set it; otherwise `start_epoch` unchanged.
     """
     if not resume and auto_resume and output_dir and not eval_only:
-        latest = find_latest_checkpoint(output_dir)
+        # rank 0 chooses, so that every rank resumes from the same file (node-local or stale caches)
+        latest = broadcast_object(find_latest_checkpoint(output_dir) if is_main_process() else None)
         if latest is not None:
             resume = str(latest)
             log(f"Auto-resuming from {latest} (pass --no_auto_resume to start afresh)")
@@ -180,40 +182,61 @@ class EpochPosition:
     rng: Dict[str, Any]  # this rank's random state at that step
 
 
+def data_fingerprint(dataset: Any) -> str:
+    """A hash of the training set's file list and labels (its size where it has no `samples`)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return f"len:{len(dataset)}"
+    digest = hashlib.sha1()
+    root = str(getattr(dataset, "root", ""))
+    for path, target in samples:
+        digest.update(f"{os.path.relpath(path, root) if root else path}\t{target}\n".encode())
+    return digest.hexdigest()
+
+
 def save_position(args: Any, epoch: int, step: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, loss_scaler: Any, order: List[int],
-                  meters: Dict[str, List[float]], num_samples: int) -> None:
+                  meters: Dict[str, List[float]], data: str) -> None:
     """checkpoint-last.pth in the middle of `epoch`, after `step` batches (a collective in distributed runs).
 
     The reference's entries keep their meaning (`epoch` is the last finished one, so other tools see
-    the end of epoch - 1); `position` adds the step, every rank's sample order and meters, and the
-    training-set size (to notice a changed data set); `rng` holds every rank's state at that step.
+    the end of epoch - 1); `position` adds the step, every rank's sample order and meters, the batch
+    layout and a fingerprint of the training set (`data_fingerprint`), to notice changes; `rng` holds
+    every rank's state at that step.
     """
     per_rank = all_gather_objects({"rng": get_rng_state(), "order": torch.tensor(order, dtype=torch.int64),
                                    "meters": meters})
     if not args.output_dir:
         return
-    position = {"epoch": epoch, "step": step, "num_samples": num_samples, "world_size": len(per_rank),
+    position = {"epoch": epoch, "step": step, "data": data, "world_size": len(per_rank),
+                "batch_size": args.batch_size, "accum_iter": args.accum_iter,
                 "order": [r["order"] for r in per_rank], "meters": [r["meters"] for r in per_rank]}
     save_model(args, epoch - 1, model, model_without_ddp, optimizer, loss_scaler, name="last",
                extra={"rng": [r["rng"] for r in per_rank], "position": position})
 
 
-def epoch_position(checkpoint: Optional[Dict[str, Any]], num_samples: int) -> Optional[EpochPosition]:
+def epoch_position(checkpoint: Optional[Dict[str, Any]], data: str, batch_size: int,
+                   accum_iter: int) -> Optional[EpochPosition]:
     """This rank's position inside an epoch from a mid-epoch checkpoint, or None.
 
-    None, with a warning, when the training set or the number of processes changed since it was saved:
-    the epoch then starts again from its beginning instead of indexing a stale order.
+    None, with a warning, when the training set, the number of processes, --batch_size or --accum_iter
+    changed since it was saved: the epoch then starts again from its beginning (with the saved weights)
+    instead of indexing a stale order.
     """
     position = (checkpoint or {}).get("position")
     if not position:
         return None
-    epoch, saved = position["epoch"], position["num_samples"]
-    if saved != num_samples or position["world_size"] != get_world_size():
-        change = (f"the training set has {num_samples} images, {saved} when it was saved" if saved != num_samples
-                  else f"this run has {get_world_size()} processes, {position['world_size']} when it was saved")
-        warn(f"checkpoint-last.pth stopped inside epoch {epoch}, but {change}: restarting epoch {epoch} "
-             f"from its beginning")
+    epoch = position["epoch"]
+    changes = [what for what, same in (
+        ("the training set (images added, removed or renamed)", position["data"] == data),
+        (f"the number of processes ({position['world_size']} -> {get_world_size()})",
+         position["world_size"] == get_world_size()),
+        (f"--batch_size ({position['batch_size']} -> {batch_size})", position["batch_size"] == batch_size),
+        (f"--accum_iter ({position['accum_iter']} -> {accum_iter})", position["accum_iter"] == accum_iter),
+    ) if not same]
+    if changes:
+        warn(f"checkpoint-last.pth stopped inside epoch {epoch}, but {' and '.join(changes)} changed since: "
+             f"restarting epoch {epoch} from its beginning")
         return None
     rank = get_rank()
     log(f"Continuing epoch {epoch} at step {position['step']}")

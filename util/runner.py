@@ -23,7 +23,8 @@ from util.errors import UserError
 from util.logger import log, warn
 from util.metrics import MetricLogger
 from util.preemption import StopGuard
-from util.resume import epoch_position, remove_stale_temp_files, save_epoch, save_position, truncate_log
+from util.resume import (EpochPosition, data_fingerprint, epoch_position, remove_stale_temp_files, save_epoch,
+                         save_position, truncate_log)
 from util.settings import resolve_settings
 
 
@@ -81,17 +82,26 @@ def wrap_model(model: torch.nn.Module, device: torch.device, distributed: bool, 
     return model
 
 
-def tensorboard_writer(log_dir: str, start_epoch: int, enabled: bool = True):
+def position_in_epoch(resumed: Optional[Dict[str, Any]], dataset: Any, args: Any) -> Optional[EpochPosition]:
+    """Where training continues inside its first epoch, from the checkpoint util.resume.restore returned
+    (None to start that epoch from its beginning); the checkpoint itself can then be dropped."""
+    return epoch_position(resumed, data_fingerprint(dataset), args.batch_size, args.accum_iter)
+
+
+def tensorboard_writer(log_dir: str, start_epoch: int, position: Optional[EpochPosition] = None,
+                       steps_per_epoch: int = 1, enabled: bool = True):
     """SummaryWriter on rank 0 (None elsewhere, without a log_dir, or when not enabled).
 
-    A resumed run drops the events from start_epoch on, which it is about to write again.
+    A resumed run drops the events from where it continues (start_epoch, or the step inside it), which
+    it is about to write again.
     """
     if not enabled or not log_dir or not is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter  # tensorboard is slow to import: only when used
 
     os.makedirs(log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=log_dir, purge_step=start_epoch * 1000 if start_epoch > 0 else None)
+    start = start_epoch + (position.step / max(steps_per_epoch, 1) if position is not None else 0)
+    return SummaryWriter(log_dir=log_dir, purge_step=int(start * 1000) if start > 0 else None)
 
 
 def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
@@ -99,7 +109,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
                train_one_epoch: Callable[..., Dict[str, float]],
                evaluate: Optional[Callable[[int], Dict[str, float]]] = None,
                log_writer: Any = None, numbered_every: int = 1,
-               extra_log: Optional[Dict[str, Any]] = None, resumed: Optional[Dict[str, Any]] = None) -> None:
+               extra_log: Optional[Dict[str, Any]] = None, position: Optional[EpochPosition] = None) -> None:
     """Train from args.start_epoch to args.epochs (or --stop_epoch): train, evaluate, log, save, per epoch.
 
     On SIGTERM / SIGUSR1 / SIGUSR2 every rank finishes the optimizer step it is in, checkpoint-last.pth
@@ -112,7 +122,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
         evaluate: epoch -> test stats, or None for no evaluation.
         numbered_every: write checkpoint-{epoch}.pth every this many epochs and at the last one.
         extra_log: constant entries for every log.txt line (e.g. n_parameters).
-        resumed: the checkpoint the run resumed from (util.resume.restore), to continue inside its epoch.
+        position: where to continue inside the first epoch (position_in_epoch), or None.
     """
     log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
     if log_path and is_main_process():
@@ -125,10 +135,9 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
     start_time = time.time()
     end_epoch = args.epochs if getattr(args, "stop_epoch", None) is None else min(args.stop_epoch, args.epochs)
     sampler = data_loader_train.sampler
-    num_samples = len(data_loader_train.dataset)
-    position = epoch_position(resumed, num_samples)
+    data = data_fingerprint(data_loader_train.dataset)
 
-    with StopGuard(getattr(args, "save_every_minutes", None)) as guard:
+    with StopGuard(getattr(args, "save_every_minutes", None), getattr(args, "dist_timeout", 30)) as guard:
         def step_hook(epoch: int) -> AfterStep:
             def after_step(step: int, metric_logger: MetricLogger, check_losses: Callable[[], None]) -> None:
                 signum, due = guard.poll()
@@ -136,9 +145,10 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
                     return
                 check_losses()  # never save a position reached through a NaN
                 save_position(args, epoch, step, model, model_without_ddp, optimizer, loss_scaler, sampler.order(),
-                              metric_logger.totals(), num_samples)
+                              metric_logger.totals(), data)
                 guard.saved()
                 if signum:
+                    guard.barrier()  # rank 0 has written the file before any rank exits
                     guard.stop(signum, epoch, step, saved=bool(args.output_dir))
             return after_step
 
