@@ -9,6 +9,7 @@ strictly into this code's model, so an export never silently drops or invents a 
   classifier (`config.json` + `model.safetensors` in the Hugging Face Hub's names);
 - encoder: `model.pth` holding `{'model': state dict}`, as the reference's released weights.
 """
+import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -103,15 +104,22 @@ def export_timm(kind: str, model: torch.nn.Module, output_dir: str) -> None:
     classifier = kind == "classifier"
     global_pool = "avg" if classifier and getattr(model, "global_pool", "") == "avg" else "token"
     crop_pct = 224 / 256 if lay["img_size"] <= 224 else 1.0
+    model_args = dict(img_size=lay["img_size"], patch_size=lay["patch_size"], embed_dim=lay["embed_dim"],
+                      depth=lay["depth"], num_heads=lay["num_heads"], mlp_ratio=lay["mlp_dim"] / lay["embed_dim"],
+                      num_classes=model.num_classes if classifier else 0, global_pool=global_pool)
     timm_model = timm.create_model(
-        f"vit_{size}_patch{lay['patch_size']}_224", pretrained=False, img_size=lay["img_size"],
-        patch_size=lay["patch_size"], embed_dim=lay["embed_dim"], depth=lay["depth"], num_heads=lay["num_heads"],
-        mlp_ratio=lay["mlp_dim"] / lay["embed_dim"], num_classes=model.num_classes if classifier else 0,
-        global_pool=global_pool,
+        f"vit_{size}_patch{lay['patch_size']}_224", pretrained=False, **model_args,
         pretrained_cfg_overlay=dict(tag="mae", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                                     crop_pct=crop_pct, interpolation="bicubic", license=None))
     timm_model.load_state_dict(encoder_state_dict(kind, model), strict=True)
     timm.models.save_for_hf(timm_model, output_dir, safe_serialization=True)
+    # the size arguments, also where this timm's save_for_hf does not record them
+    config_path = os.path.join(output_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["model_args"] = {**config.get("model_args", {}), **model_args}
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def export_hf(kind: str, model: torch.nn.Module, output_dir: str, mask_ratio: float = 0.75) -> None:

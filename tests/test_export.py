@@ -1,0 +1,201 @@
+"""export.py / util/export.py: timm and Hugging Face exports round-trip bit-exactly, compute what our models
+compute, and fine-tuning starts from them as from our own checkpoint. Weights are perturbed away from
+their initial values, so that a wrong mapping cannot hide behind zeros and ones."""
+import argparse
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+import export
+import main_finetune
+import models_mae
+import models_vit
+from helpers import TINY_CLS, load, read_log, run_entry
+from util import formats
+from util.checkpoint import load_pretrained
+from util.resume import save_model
+
+
+def _perturb(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn_like(tensor) * 0.05)
+    return model.eval()
+
+
+def _save(net, out, **args):
+    save_model(argparse.Namespace(output_dir=str(out), **args), 0, net, net, torch.optim.AdamW(net.parameters()), None)
+    return str(out / "checkpoint-0.pth")
+
+
+@pytest.fixture(scope="module")
+def mae(tmp_path_factory):
+    model = _perturb(models_mae.mae_vit_tiny_patch16(img_size=32, norm_pix_loss=True), 1)
+    path = _save(model, tmp_path_factory.mktemp("mae"), model="mae_vit_tiny_patch16", input_size=32,
+                 norm_pix_loss=True, mask_ratio=0.75)
+    return model, path
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["global_pool", "cls_token"])
+def classifier(request, tmp_path_factory):
+    model = _perturb(models_vit.vit_tiny_patch16(img_size=32, num_classes=5, global_pool=request.param), 2)
+    path = _save(model, tmp_path_factory.mktemp("cls"), model="vit_tiny_patch16", input_size=32,
+                 global_pool=request.param)
+    return model, path
+
+
+def _export(path, fmt, out):
+    return run_entry(export, "--checkpoint", path, "--format", fmt, "--output_dir", out, check=False)
+
+
+def _encoder(model):
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
+
+
+# ----------------------------------------------------------------------------
+# timm
+
+def test_mae_to_timm_round_trip_and_features(mae, tmp_path):
+    model, path = mae
+    assert _export(path, "timm", tmp_path / "timm").returncode == 0
+    back = formats.read_weights(str(tmp_path / "timm"), "timm")
+    expected = _encoder(model)
+    assert back.keys() == expected.keys() and all(torch.equal(back[k], expected[k]) for k in expected)
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert (config["architecture"], config["num_classes"]) == ("vit_tiny_patch16_224", 0)
+    assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # every patch visible, in order: the encoder's output for the whole image
+        ours = model.forward_encoder(x, 0.0, noise=torch.arange(4.0).expand(2, 4))[0]
+        torch.testing.assert_close(theirs.forward_features(x), ours, rtol=1e-5, atol=1e-5)
+    # the other documented route: an architecture name plus the file
+    named = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "timm" / "model.safetensors")))
+    assert all(torch.equal(named.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_classifier_to_timm_gives_the_same_logits(classifier, tmp_path):
+    model, path = classifier
+    assert _export(path, "timm", tmp_path / "timm").returncode == 0
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    assert theirs.global_pool == model.global_pool and theirs.num_classes == 5
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_probe_head_is_folded_for_export(tmp_path):
+    model = models_vit.vit_tiny_patch16(img_size=32, num_classes=4)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(192, affine=False, eps=1e-6), model.head)
+    _perturb(model, 3)
+    model.head[0].running_var.uniform_(0.5, 2.0)
+    path = _save(model, tmp_path / "lp", model="vit_tiny_patch16", input_size=32, global_pool=False)
+    proc = _export(path, "timm", tmp_path / "timm")
+    assert proc.returncode == 0 and "Folded the linear probe's BatchNorm" in proc.stdout
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_format_is_the_reference_release_layout(mae, tmp_path):
+    model, path = mae
+    assert _export(path, "encoder", tmp_path / "enc").returncode == 0
+    released = load(tmp_path / "enc" / "model.pth")
+    assert set(released) == {"model"} and released["model"].keys() == _encoder(model).keys()
+    vit = models_vit.vit_tiny_patch16(img_size=32, num_classes=3, global_pool=False)
+    load_pretrained(vit, str(tmp_path / "enc" / "model.pth"), global_pool=False)
+    assert torch.equal(vit.blocks[3].mlp.fc2.weight, model.blocks[3].mlp.fc2.weight)
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face
+
+def test_mae_to_hugging_face_round_trip_and_forward(mae, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, path = mae
+    assert _export(path, "hf", tmp_path / "hf").returncode == 0
+    back = formats.read_weights(str(tmp_path / "hf"), "hf")
+    expected = model.state_dict()
+    assert back.keys() == expected.keys() and all(torch.equal(back[k], expected[k]) for k in expected)
+    theirs, info = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert not any(info.values()), info  # an empty loading report
+    theirs.eval()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    with torch.no_grad():
+        loss, pred, mask = model(x, mask_ratio=0.75, noise=noise)
+        out = theirs(pixel_values=x, noise=noise)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, pred, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.mask, mask)
+
+
+def test_classifier_to_hugging_face(classifier, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, path = classifier
+    proc = _export(path, "hf", tmp_path / "hf")
+    if model.global_pool == "avg":  # no exact counterpart: one line pointing to timm
+        assert proc.returncode == 2 and "no exact Hugging Face counterpart" in proc.stderr
+        assert "--format timm" in proc.stderr and "Traceback" not in proc.stderr
+        return
+    assert proc.returncode == 0
+    theirs, info = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"),
+                                                                         output_loading_info=True)
+    assert not any(info.values()), info
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(pixel_values=x).logits, model(x), rtol=1e-5, atol=1e-5)
+    back = formats.read_weights(str(tmp_path / "hf"), "hf")
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_hf_export_without_transformers_names_the_install(mae, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers":
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    proc = _export(mae[1], "hf", tmp_path / "hf")
+    assert proc.returncode == 2 and "pip install -r requirements-hf.txt" in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# fine-tuning from the exported files
+
+@pytest.mark.e2e
+def test_finetuning_from_timm_and_hugging_face_exports_matches_our_checkpoint(cls_data, pretrained, tmp_path):
+    pytest.importorskip("transformers")
+    for fmt in ("timm", "hf"):
+        assert _export(pretrained, fmt, tmp_path / fmt).returncode == 0
+    sources = {"pth": pretrained, "timm": tmp_path / "timm" / "model.safetensors", "hf": tmp_path / "hf"}
+    losses = {}
+    for name, source in sources.items():
+        out = tmp_path / f"ft_{name}"
+        proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1",
+                         "--amp", "none", "--finetune", source, "--output_dir", out, "--log_dir", "")
+        assert f"Load pre-trained checkpoint from: {source}" in proc.stdout
+        losses[name] = read_log(out)[0]["train_loss"]
+    assert losses["timm"] == losses["pth"] and losses["hf"] == losses["pth"]
+
+
+def test_export_help_and_bad_checkpoint(tmp_path):
+    import util.cli as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.command_line_parser(export.get_args_parser()).parse_args(["--help"])
+    assert e.value.code == 0
+    (tmp_path / "x.pth").write_text("hello")
+    proc = _export(tmp_path / "x.pth", "timm", tmp_path / "out")
+    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
