@@ -10,12 +10,14 @@ import timm
 import torch
 
 import export
+import util.export as export_lib
 import main_finetune
 import models_mae
 import models_vit
 from helpers import TINY_CLS, load, read_log, run_entry
 from util import formats
 from util.checkpoint import load_pretrained
+from util.errors import CheckpointError
 from util.resume import save_model
 
 
@@ -33,10 +35,10 @@ def _save(net, out, **args):
     return str(out / "checkpoint-0.pth")
 
 
-@pytest.fixture(scope="module")
-def mae(tmp_path_factory):
-    model = _perturb(models_mae.mae_vit_tiny_patch16(img_size=32, norm_pix_loss=True), 1)
-    path = _save(model, tmp_path_factory.mktemp("mae"), model="mae_vit_tiny_patch16", input_size=32,
+@pytest.fixture(scope="module", params=["mae_vit_tiny_patch16", "mae_vit_small_patch16"])
+def mae(request, tmp_path_factory):
+    model = _perturb(models_mae.create_model(request.param, img_size=32, norm_pix_loss=True), 1)
+    path = _save(model, tmp_path_factory.mktemp("mae"), model=request.param, input_size=32,
                  norm_pix_loss=True, mask_ratio=0.75)
     return model, path
 
@@ -67,7 +69,8 @@ def test_mae_to_timm_round_trip_and_features(mae, tmp_path):
     expected = _encoder(model)
     assert back.keys() == expected.keys() and all(torch.equal(back[k], expected[k]) for k in expected)
     config = json.loads((tmp_path / "timm" / "config.json").read_text())
-    assert (config["architecture"], config["num_classes"]) == ("vit_tiny_patch16_224", 0)
+    width = model.cls_token.shape[-1]
+    assert (config["architecture"], config["num_classes"]) == (f"vit_{export_lib.SIZES[width]}_patch16_224", 0)
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     theirs = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -75,7 +78,7 @@ def test_mae_to_timm_round_trip_and_features(mae, tmp_path):
         ours = model.forward_encoder(x, 0.0, noise=torch.arange(4.0).expand(2, 4))[0]
         torch.testing.assert_close(theirs.forward_features(x), ours, rtol=1e-5, atol=1e-5)
     # the other documented route: an architecture name plus the file
-    named = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32,
+    named = timm.create_model(config["architecture"], pretrained=True, num_classes=0, img_size=32,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "timm" / "model.safetensors")))
     assert all(torch.equal(named.state_dict()[k], expected[k]) for k in expected)
 
@@ -109,7 +112,8 @@ def test_encoder_format_is_the_reference_release_layout(mae, tmp_path):
     assert _export(path, "encoder", tmp_path / "enc").returncode == 0
     released = load(tmp_path / "enc" / "model.pth")
     assert set(released) == {"model"} and released["model"].keys() == _encoder(model).keys()
-    vit = models_vit.vit_tiny_patch16(img_size=32, num_classes=3, global_pool=False)
+    size = export_lib.SIZES[model.cls_token.shape[-1]]
+    vit = models_vit.create_model(f"vit_{size}_patch16", img_size=32, num_classes=3, global_pool=False)
     load_pretrained(vit, str(tmp_path / "enc" / "model.pth"), global_pool=False)
     assert torch.equal(vit.blocks[3].mlp.fc2.weight, model.blocks[3].mlp.fc2.weight)
 
@@ -199,3 +203,13 @@ def test_export_help_and_bad_checkpoint(tmp_path):
     proc = _export(tmp_path / "x.pth", "timm", tmp_path / "out")
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_foreign_safetensors_for_finetune_names_the_mismatch(tmp_path):
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "resnet.safetensors"
+    save_file({"conv1.weight": torch.randn(8, 3, 7, 7), "fc.weight": torch.randn(10, 8)}, foreign)
+    vit = models_vit.vit_tiny_patch16(img_size=32, num_classes=3)
+    with pytest.raises(CheckpointError, match="does not fit the model .*missing keys: cls_token"):
+        load_pretrained(vit, str(foreign), global_pool=True)
