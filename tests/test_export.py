@@ -213,3 +213,27 @@ def test_foreign_safetensors_for_finetune_names_the_mismatch(tmp_path):
     vit = models_vit.vit_tiny_patch16(img_size=32, num_classes=3)
     with pytest.raises(CheckpointError, match="does not fit the model .*missing keys: cls_token"):
         load_pretrained(vit, str(foreign), global_pool=True)
+
+
+def test_hugging_face_folder_with_pytorch_model_bin_is_read_weights_only(mae, tmp_path):
+    model, _ = mae
+    folder = tmp_path / "hf_bin"
+    folder.mkdir()
+    torch.save(formats.ours_to_hf(model.state_dict()), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
+    size = export_lib.SIZES[model.cls_token.shape[-1]]
+    vit = models_vit.create_model(f"vit_{size}_patch16", img_size=32, num_classes=3, global_pool=False)
+    load_pretrained(vit, str(folder), global_pool=False)
+    assert all(torch.equal(vit.state_dict()[k], v) for k, v in _encoder(model).items())
+
+
+def test_export_refuses_a_non_empty_folder_and_a_foreign_head(mae, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "pytorch_model.bin").write_bytes(b"old")
+    proc = _export(mae[1], "timm", tmp_path / "used")
+    assert proc.returncode == 2 and "--output_dir" in proc.stderr and "is not empty" in proc.stderr
+    model = models_vit.vit_tiny_patch16(img_size=32, num_classes=4)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(192), model.head)  # affine: not a linear probe's
+    path = _save(model, tmp_path / "bn", model="vit_tiny_patch16", input_size=32, global_pool=False)
+    proc = _export(path, "timm", tmp_path / "out")
+    assert proc.returncode == 2 and "cannot be exported as one Linear" in proc.stderr

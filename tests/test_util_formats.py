@@ -51,8 +51,8 @@ def test_every_hugging_face_naming_family_reads_the_same(mae_state, family):
 
 
 def test_unknown_hugging_face_names_are_refused(mae_state):
-    with pytest.raises(CheckpointError, match="unknown Hugging Face weight name vit.pooler.dense.weight"):
-        formats.hf_to_ours({**formats.ours_to_hf(mae_state), "vit.pooler.dense.weight": torch.zeros(2, 2)})
+    with pytest.raises(CheckpointError, match="unknown Hugging Face weight name vit.text_projection.weight"):
+        formats.hf_to_ours({**formats.ours_to_hf(mae_state), "vit.text_projection.weight": torch.zeros(2, 2)})
 
 
 def test_formats_are_told_apart_by_content_not_name(mae_state, tmp_path):
@@ -73,8 +73,31 @@ def test_formats_are_told_apart_by_content_not_name(mae_state, tmp_path):
     assert formats.detect_format(str(folder)) == "hf"
     (folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224"}))
     assert formats.detect_format(str(folder)) == "timm"
-    with pytest.raises(CheckpointError, match="model.safetensors not found"):
-        formats.read_safetensors(str(folder))
+    with pytest.raises(CheckpointError, match="no model.safetensors .or pytorch_model.bin. in"):
+        formats.read_weights(str(folder), "timm")
+    alone = tmp_path / "alone"  # weights without a config.json: judged by the file
+    alone.mkdir()
+    save_file(mae_state, alone / "model.safetensors")
+    assert formats.detect_format(str(alone)) == "timm"
+    assert formats.detect_format("https://example.org/mae_pretrain_vit_base.pth") == "torch"  # fetched later
+
+
+def test_a_header_length_that_looks_like_a_pickle_is_still_safetensors(tmp_path):
+    # the 8-byte header length comes first: 128 (mod 256) makes the first byte 0x80, a pickle's opcode
+    for n in range(1, 64):
+        path = tmp_path / f"w{n}.safetensors"
+        save_file({"cls_token": torch.zeros(1, 1, 4), "x" * n: torch.zeros(1)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length of 128 mod 256 found")
+    assert formats.detect_format(str(path)) == "timm"
+
+
+def test_vit_model_pooler_is_left_out(mae_state):
+    encoder = {k: v for k, v in mae_state.items() if not k.startswith(("decoder", "mask_token"))}
+    hf = {**formats.ours_to_hf(encoder), "pooler.dense.weight": torch.zeros(48, 48), "pooler.dense.bias": torch.zeros(48)}
+    assert formats.hf_to_ours(hf).keys() == encoder.keys()
 
 
 def test_truncated_safetensors_is_a_clear_error(mae_state, tmp_path):

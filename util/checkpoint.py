@@ -15,7 +15,7 @@ import torch
 
 from util.distributed import is_main_process
 from util.errors import CheckpointError, CheckpointWriteError
-from util.formats import detect_format, read_weights
+from util.formats import detect_format, hf_to_ours, read_weights, weights_file
 from util.logger import log
 from util.pos_embed import interpolate_pos_embed
 
@@ -190,7 +190,11 @@ def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> Non
         checkpoint = load_checkpoint(path)
         checkpoint_model = checkpoint.get("model", checkpoint)
     else:
-        checkpoint_model = read_weights(path, fmt)
+        weights = weights_file(path)
+        if weights.endswith(".bin"):  # a Hugging Face folder saved without safetensors: read weights-only
+            checkpoint_model = hf_to_ours(load_checkpoint(weights))
+        else:
+            checkpoint_model = read_weights(weights, fmt)
     log("Load pre-trained checkpoint from: %s%s" % (path, "" if fmt == "torch" else f" ({fmt} weights)"))
     if not isinstance(checkpoint_model, dict) or not all(torch.is_tensor(v) for v in checkpoint_model.values()):
         raise CheckpointError(f"{path} holds no model weights (no 'model' state dict)")

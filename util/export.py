@@ -37,6 +37,10 @@ def _is_decoder(key: str) -> bool:
 def _fold_linear_probe_head(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A linear probe's head (BatchNorm without affine parameters, then Linear) as one Linear; equal up to
     float rounding."""
+    batch_norm = {k for k in state_dict if k.startswith("head.0.")}
+    if batch_norm != {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked"}:
+        raise CheckpointError(f"the head is not a linear probe's (BatchNorm without affine parameters, with running "
+                              f"statistics, then Linear): found {sorted(batch_norm)}; it cannot be exported as one Linear")
     out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     inv_std = (state_dict["head.0.running_var"].double() + 1e-6).rsqrt()
     weight = state_dict["head.1.weight"].double() * inv_std
@@ -50,8 +54,10 @@ def load_for_export(path: str, model_name: Optional[str] = None) -> Tuple[str, t
     """(kind, model, saved args) of a checkpoint: kind 'mae' (with decoder), 'classifier' or 'encoder'."""
     checkpoint = load_checkpoint(path)
     state_dict = checkpoint.get("model", checkpoint)
-    if not isinstance(state_dict, dict) or "cls_token" not in state_dict:
-        raise CheckpointError(f"{path} holds no MAE or ViT weights (no 'model' state dict with a cls_token)")
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+    if not isinstance(state_dict, dict) or not all(k in state_dict for k in needed):
+        raise CheckpointError(f"{path} holds no MAE or ViT weights (no 'model' state dict with "
+                              f"{', '.join(needed)})")
     saved = checkpoint.get("args") or {}
     width = state_dict["cls_token"].shape[-1]
     patch = state_dict["patch_embed.proj.weight"].shape[-1]
@@ -165,6 +171,9 @@ def export(checkpoint: str, fmt: str, output_dir: str, model_name: Optional[str]
     """Write `checkpoint` in format `fmt` to `output_dir`; return a one-line description."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt}")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is not empty; export into a new folder (old files there could "
+                        f"be loaded instead of the export)")
     kind, model, saved = load_for_export(checkpoint, model_name)
     if fmt == "timm":
         export_timm(kind, model, output_dir)

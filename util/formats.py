@@ -74,40 +74,59 @@ def _hf_names(keys: List[str]) -> bool:
 
 
 def detect_format(path: str) -> str:
-    """'torch', 'timm' or 'hf' for a checkpoint path (file or folder), judged from its content."""
+    """'torch', 'timm' or 'hf' for a checkpoint path (file, folder or https URL), judged from its content."""
+    if path.startswith(("https://", "http://")):
+        return "torch"  # fetched and checked by util.checkpoint.load_checkpoint
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file not found: {path}; check the path")
     if os.path.isdir(path):
-        config_path = os.path.join(path, "config.json")
-        config = {}
-        if os.path.isfile(config_path):
-            try:
-                with open(config_path) as f:
-                    config = json.load(f)
-            except ValueError:
-                raise CheckpointError(f"cannot read {config_path}: not JSON") from None
+        config = _folder_config(path)
         if "architecture" in config:
             return "timm"
         if config.get("model_type") in ("vit_mae", "vit"):
             return "hf"
+        weights = os.path.join(path, "model.safetensors")
+        if not config and os.path.isfile(weights):
+            return detect_format(weights)
         raise CheckpointError(f"{path} is a folder but not a timm or Hugging Face ViT / ViTMAE model folder "
                               f"(no config.json saying so); accepted: {ACCEPTED}")
+    # safetensors first: its header length may start with a byte that looks like a pickle (0x80)
+    if _is_safetensors(path):
+        return "hf" if _hf_names(_safetensors_keys(path)) else "timm"
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(TORCH_MAGIC):
         return "torch"
-    if _is_safetensors(path):
-        return "hf" if _hf_names(_safetensors_keys(path)) else "timm"
     raise CheckpointError(f"cannot tell what {path} holds: not a PyTorch checkpoint, a safetensors file or a "
                           f"model folder; accepted: {ACCEPTED}")
 
 
+def _folder_config(path: str) -> Dict:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return {}
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError:
+        raise CheckpointError(f"cannot read {config_path}: not JSON") from None
+    return config if isinstance(config, dict) else {}
+
+
+def weights_file(path: str) -> str:
+    """The file that holds a folder's weights: model.safetensors, else a Hugging Face pytorch_model.bin
+    (read weights-only, like every torch checkpoint); a file path stays as it is."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise CheckpointError(f"no model.safetensors (or pytorch_model.bin) in {path}: sharded weights are not read; "
+                          f"save the model as one file")
+
+
 def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (a folder: its model.safetensors), with a clear error if damaged."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path} not found: the folder's weights must be one model.safetensors file")
+    """All tensors of a safetensors file, with a clear error if it is damaged."""
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -119,6 +138,8 @@ def hf_to_ours(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     qkv: Dict[str, List[torch.Tensor]] = {}
     for key, value in state_dict.items():
+        if re.fullmatch(r"(?:vit\.)?pooler\.dense\.(weight|bias)", key):
+            continue  # ViTModel's pooler: MAE classifiers pool the tokens themselves
         name = next((re.sub(f"^{pattern}$", repl, key) for pattern, repl in _HF_TO_OURS
                      if re.fullmatch(pattern, key)), None)
         block = _HF_BLOCK.match(key) if name is None else None
@@ -176,6 +197,6 @@ def ours_to_hf(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def read_weights(path: str, fmt: str) -> Dict[str, torch.Tensor]:
-    """The state dict, in this code's names, of a timm or Hugging Face file or folder."""
-    state_dict = read_safetensors(path)
+    """The state dict, in this code's names, of a timm or Hugging Face safetensors file or folder."""
+    state_dict = read_safetensors(weights_file(path))
     return hf_to_ours(state_dict) if fmt == "hf" else state_dict
