@@ -39,6 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 help="clip the gradient norm to NORM (default: no clipping)")
     g["optimizer"].add_argument("--layer_decay", type=float, default=0.75,
                                 help="layer-wise lr decay (from ELECTRA / BEiT)")
+    g["model"].add_argument("--finetune_blocks", type=int, default=None, metavar="K",
+                            help="partial fine-tuning (paper Fig. 9): train only the last K blocks, the final norm "
+                                 "and the head (default: every block, as the reference)")
 
     aug = g["augmentation"]
     aug.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
@@ -100,6 +103,12 @@ def main(args: argparse.Namespace) -> dict:
         load_pretrained(model, args.finetune, args.global_pool)
         # manually initialize fc layer
         trunc_normal_(model.head.weight, std=2e-5)
+    if args.finetune_blocks is not None:
+        try:
+            model.train_last_blocks(args.finetune_blocks)
+        except ValueError as e:
+            raise UserError(f"--finetune_blocks {args.finetune_blocks}: {e}") from None
+        log(f"Partial fine-tuning: the last {args.finetune_blocks} blocks, the final norm and the head train")
 
     model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
 

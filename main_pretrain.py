@@ -20,7 +20,8 @@ from util.errors import UserError
 from util.logger import log
 from util.precision import make_loss_scaler
 from util.resume import restore
-from util.transforms import eval_transform, pretrain_transform
+from util.masking import MASK_TYPES, check_mask_type
+from util.transforms import PRETRAIN_AUGS, eval_transform, pretrain_transform
 from util.visualize import reconstruct, to_uint8
 
 
@@ -31,12 +32,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = cli.add_common_args(
         parser, batch_size=64, epochs=400, model="mae_vit_large_patch16", weight_decay=0.05,
         blr=1e-3, min_lr=0.0, warmup_epochs=40,
-        model_help="name of the model to train (one of: " + ", ".join(models_mae.model_names()) + ")")
+        model_help="name of the model to train (one of: " + ", ".join(models_mae.model_names()) + ")",
+        extra_groups=("ablations",))
     g["model"].add_argument("--mask_ratio", default=0.75, type=float,
                             help="masking ratio (fraction of removed patches)")
     g["model"].add_argument("--norm_pix_loss", action="store_true",
                             help="use (per-patch) normalized pixels as targets for computing the loss")
     parser.set_defaults(norm_pix_loss=False)
+    ablation = g["ablations"]
+    ablation.add_argument("--mask_type", default="random", choices=MASK_TYPES,
+                          help="which patches are removed (paper Table 1f): random (the reference), block "
+                               "(BEiT-style rectangles) or grid (the top-left patch of every 2x2 cell stays; "
+                               "--mask_ratio 0.75 only)")
+    ablation.add_argument("--decoder_embed_dim", default=None, type=int,
+                          help="decoder width (Table 1b; default: the model's, 512 for base/large/huge)")
+    ablation.add_argument("--decoder_depth", default=None, type=int,
+                          help="decoder blocks (Table 1a; default: the model's, 8 for base/large/huge)")
+    ablation.add_argument("--decoder_num_heads", default=None, type=int,
+                          help="decoder attention heads (default: the model's, 16 for base/large/huge)")
+    ablation.add_argument("--encoder_mask_token", action="store_true",
+                          help="the encoder sees every patch, a learned mask token in place of the removed ones "
+                               "(Table 1c, 'w/ [M]'; slower and worse, to reproduce that row)")
+    ablation.add_argument("--loss_on_visible", action="store_true",
+                          help="average the loss over every patch, not only the removed ones")
+    ablation.add_argument("--pretrain_aug", default="crop_rand", choices=PRETRAIN_AUGS,
+                          help="pre-training augmentation (Table 1e): none, crop_fixed, crop_rand (the reference: "
+                               "random resized crop 0.2-1 + flip), crop_rand_color (+ color jitter); see PRETRAIN.md")
     g["ours"].add_argument("--save_freq", default=20, type=int, metavar="N",
                            help="write checkpoint-{epoch}.pth every N epochs (and at the last); "
                                 "checkpoint-last.pth is written every epoch")
@@ -54,6 +75,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--save_freq must be at least 1, got {args.save_freq}")
     if args.vis_freq < 0:
         raise UserError(f"--vis_freq must be 0 (off) or more, got {args.vis_freq}")
+    for flag in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.decoder_embed_dim and args.decoder_num_heads and args.decoder_embed_dim % args.decoder_num_heads:
+        raise UserError(f"--decoder_embed_dim {args.decoder_embed_dim} is not divisible by --decoder_num_heads "
+                        f"{args.decoder_num_heads}")
 
 
 def fixed_images(dataset, input_size: int, n: int = 8) -> torch.Tensor:
@@ -77,12 +104,25 @@ def main(args: argparse.Namespace) -> None:
     device = runner.setup(args)
 
     # define the model first: a wrong name or size fails before any data is read
-    model = models_mae.create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size,
-                                    attn=args.attn, patch_embed=args.patch_embed)
+    decoder = {k: getattr(args, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+               if getattr(args, k) is not None}
+    try:
+        model = models_mae.create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size,
+                                        attn=args.attn, patch_embed=args.patch_embed, mask_type=args.mask_type,
+                                        encoder_mask_token=args.encoder_mask_token,
+                                        loss_on_visible=args.loss_on_visible, **decoder)
+    except AssertionError as e:  # timm's check that the width divides into the heads
+        raise UserError(f"the decoder does not fit ({e}); choose --decoder_embed_dim divisible by "
+                        f"--decoder_num_heads") from None
     runner.check_input_size(args.input_size, model)
+    try:
+        check_mask_type(args.mask_type, args.mask_ratio, model.patch_embed.grid_size)
+    except ValueError as e:
+        raise UserError(f"--mask_type {args.mask_type}: {e}") from None
 
     # uint8 out of the loader, normalised on the device (engine_pretrain): same numbers, faster loading
-    dataset_train = build_dataset(True, args, transform=pretrain_transform(args.input_size, normalize=False))
+    dataset_train = build_dataset(True, args, transform=pretrain_transform(args.input_size, normalize=False,
+                                                                           aug=args.pretrain_aug))
     log(dataset_train)
     data_loader_train = train_loader(dataset_train, args.batch_size, args.num_workers, args.pin_mem, args.seed)
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from util.layers import patch_embed_layer, use_attention
+from util.masking import block_noise, check_mask_type, grid_noise
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import lookup, names, register
 
@@ -23,14 +24,19 @@ class MaskedAutoencoderViT(nn.Module):
 
     The reference's arguments, plus how to compute two layers (same parameters and maths either way;
     util/perf.py picks the faster per device): `attn` 'sdpa' (fused) or 'math' (explicit softmax), and
-    `patch_embed` 'conv' (timm's convolution) or 'linear' (patchify + one matmul).
+    `patch_embed` 'conv' (timm's convolution) or 'linear' (patchify + one matmul). The paper's ablations:
+    `mask_type` 'random' (the reference), 'block' or 'grid' (util/masking.py); `encoder_mask_token`: the
+    encoder sees every patch, a learned token in place of the removed ones (Table 1c, "w/ [M]"; adds the
+    `encoder_mask_token` parameter); `loss_on_visible`: the loss averages over all patches, not only the
+    removed ones.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
-                 attn: str = "sdpa", patch_embed: str = "conv"):
+                 attn: str = "sdpa", patch_embed: str = "conv", mask_type: str = "random",
+                 encoder_mask_token: bool = False, loss_on_visible: bool = False):
         super().__init__()
         # --------------------------------------------------------------------------
         # MAE encoder specifics
@@ -64,6 +70,11 @@ class MaskedAutoencoderViT(nn.Module):
         # --------------------------------------------------------------------------
         use_attention([*self.blocks, *self.decoder_blocks], attn)
 
+        if encoder_mask_token:  # only then: the default keys stay the reference's
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        check_mask_type(mask_type, 0.75 if mask_type == "grid" else 0.5, self.patch_embed.grid_size)
+        self.mask_type = mask_type
+        self.loss_on_visible = loss_on_visible
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
@@ -82,6 +93,8 @@ class MaskedAutoencoderViT(nn.Module):
         torch.nn.init.normal_(self.mask_token, std=.02)
 
         self.apply(self._init_weights)
+        if hasattr(self, "encoder_mask_token"):  # last: every other weight as without it
+            torch.nn.init.normal_(self.encoder_mask_token, std=.02)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -153,10 +166,26 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, x: torch.Tensor, mask_ratio: float,
                         noise: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs [N, C, H, W] -> (latent [N, 1+len_keep, D], mask [N, L], ids_restore [N, L])."""
+        """imgs [N, C, H, W] -> (latent [N, 1+len_keep, D], mask [N, L], ids_restore [N, L]).
+
+        With encoder_mask_token the latent holds every patch ([N, 1+L, D], removed ones replaced by the
+        learned token) and ids_restore is the identity.
+        """
         x = self.patch_embed(x)  # [N, L, D]
-        x = x + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        if noise is None and self.mask_type != "random":
+            check_mask_type(self.mask_type, mask_ratio, self.patch_embed.grid_size)
+            grid, n = self.patch_embed.grid_size, x.shape[0]
+            noise = grid_noise(n, grid, x.device) if self.mask_type == "grid" else \
+                block_noise(n, grid, mask_ratio, x.device)
+        if hasattr(self, "encoder_mask_token"):
+            _, mask, _ = self.random_masking(x, mask_ratio, noise)
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.encoder_mask_token.to(x.dtype) * w  # [N, L, D]
+            ids_restore = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            x = x + self.pos_embed[:, 1:, :]
+        else:
+            x = x + self.pos_embed[:, 1:, :]
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         cls_tokens = cls_token.expand(x.shape[0], -1, -1)
@@ -200,6 +229,8 @@ class MaskedAutoencoderViT(nn.Module):
             target = (target - mean) / (var + 1.e-6) ** .5
         loss = (pred.float() - target.float()) ** 2
         loss = loss.mean(dim=-1)  # [N, L], mean loss per patch
+        if self.loss_on_visible:
+            return loss.mean()  # every patch, visible ones too
         return (loss * mask).sum() / mask.sum().clamp(min=1)  # mean loss on removed patches
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75,

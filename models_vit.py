@@ -33,6 +33,20 @@ class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
         super().__init__(global_pool="avg" if global_pool else "token", **kwargs)
         use_attention(self.blocks, attn)
 
+    def train_last_blocks(self, k: int) -> None:
+        """Partial fine-tuning (MAE paper, Fig. 9): only the last k blocks, the final norm / fc_norm and the
+        head train; the patch embedding, tokens, position table and earlier blocks are frozen (no
+        gradients, so no optimizer state) and run without drop path."""
+        if not 0 <= k <= len(self.blocks):
+            raise ValueError(f"the model has {len(self.blocks)} blocks; train the last 0 to {len(self.blocks)}")
+        frozen = [self.patch_embed, *self.blocks[:len(self.blocks) - k]]
+        for module in frozen:
+            module.requires_grad_(False)
+        self.cls_token.requires_grad_(False)
+        self.pos_embed.requires_grad_(False)
+        for block in self.blocks[:len(self.blocks) - k]:
+            block.drop_path1, block.drop_path2 = nn.Identity(), nn.Identity()  # a fixed feature extractor
+
 
 def _build(defaults: dict, kwargs: dict) -> VisionTransformer:
     cfg = dict(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))

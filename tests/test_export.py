@@ -237,3 +237,14 @@ def test_export_refuses_a_non_empty_folder_and_a_foreign_head(mae, tmp_path):
     path = _save(model, tmp_path / "bn", model="vit_tiny_patch16", input_size=32, global_pool=False)
     proc = _export(path, "timm", tmp_path / "out")
     assert proc.returncode == 2 and "cannot be exported as one Linear" in proc.stderr
+
+
+def test_mae_with_encoder_mask_token_exports_its_encoder_to_timm_only(tmp_path):
+    model = _perturb(models_mae.mae_vit_tiny_patch16(img_size=32, encoder_mask_token=True, decoder_embed_dim=64,
+                                                     decoder_num_heads=2), 4)
+    path = _save(model, tmp_path / "m", model="mae_vit_tiny_patch16", input_size=32, decoder_num_heads=2)
+    assert _export(path, "timm", tmp_path / "timm").returncode == 0
+    back = formats.read_weights(str(tmp_path / "timm"), "timm")
+    assert "encoder_mask_token" not in back and back.keys() == _encoder(model).keys() - {"encoder_mask_token"}
+    proc = _export(path, "hf", tmp_path / "hf")
+    assert proc.returncode == 2 and "--encoder_mask_token" in proc.stderr

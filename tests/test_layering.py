@@ -14,7 +14,7 @@ from helpers import ROOT
 # bottom to top; a module may import modules of its own layer (without a cycle) or of layers below
 LAYERS = [
     ("base", ["util.errors", "util.logger", "util.compat", "util.registry", "util.pos_embed", "util.lr_sched",
-              "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.visualize"]),
+              "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.masking", "util.visualize"]),
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("checkpoint", ["util.formats", "util.checkpoint", "util.resume", "util.preemption"]),

@@ -128,3 +128,25 @@ def test_dist_eval_counts_each_image_once(cls_data, pretrained, tmp_path):
     assert dist[2] == pytest.approx(single[2], abs=1e-4)
     # 7 images: accuracy is a multiple of 100/7
     assert (single[0] * 7 / 100) == pytest.approx(round(single[0] * 7 / 100), abs=1e-3)
+
+
+@pytest.mark.e2e
+def test_partial_finetuning_trains_only_the_last_blocks(cls_data, pretrained, tmp_path):
+    out = tmp_path / "pft"
+    proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1",
+                     "--finetune", pretrained, "--finetune_blocks", "1", "--output_dir", out, "--log_dir", "")
+    assert "Partial fine-tuning: the last 1 blocks" in proc.stdout
+    pre, ckpt = load(pretrained)["model"], load(out / "checkpoint-0.pth")
+    model = ckpt["model"]
+    frozen = [k for k in pre if k.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks."))
+              and not k.startswith("blocks.11.")]
+    assert all(torch.equal(pre[k], model[k]) for k in frozen)  # bit-identical after the training steps
+    assert not torch.equal(pre["blocks.11.mlp.fc1.weight"], model["blocks.11.mlp.fc1.weight"])
+    trainable = [k for k in model if k.startswith(("blocks.11.", "fc_norm.", "head."))]
+    assert len(ckpt["optimizer"]["state"]) == len(trainable)  # no optimizer state for frozen weights
+    # the checkpoint evaluates as any other; a K the model does not have is a one-line error
+    run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--eval", "--resume",
+              out / "checkpoint-0.pth", "--output_dir", "")
+    proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--finetune_blocks",
+                     "13", "--output_dir", "", check=False)
+    assert proc.returncode == 2 and "--finetune_blocks 13" in proc.stderr and "12 blocks" in proc.stderr

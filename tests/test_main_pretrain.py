@@ -193,3 +193,29 @@ def test_args_json_records_the_settings_in_effect(image_folder, tmp_path):
     assert recorded["amp"] in ("none", "bf16") and recorded["attn"] in ("sdpa", "math")
     # and they are exactly the args stored in the checkpoint that run wrote
     assert load(out / "checkpoint-last.pth")["args"] == recorded
+
+
+@pytest.mark.e2e
+def test_ablation_flags_train_and_the_checkpoint_fine_tunes(image_folder, tmp_path):
+    import main_finetune
+    from helpers import TINY_CLS
+
+    out = tmp_path / "abl"
+    run_entry(main_pretrain, *TINY_PRETRAIN, "--input_size", "64", "--data_path", image_folder, "--epochs", "1",
+              "--output_dir", out, "--log_dir", "", "--mask_type", "block", "--decoder_embed_dim", "64",
+              "--decoder_depth", "2", "--decoder_num_heads", "2", "--encoder_mask_token", "--loss_on_visible",
+              "--pretrain_aug", "crop_rand_color")
+    ckpt = load(out / "checkpoint-0.pth")
+    assert {k: ckpt["args"][k] for k in ("mask_type", "decoder_embed_dim", "decoder_depth", "encoder_mask_token",
+                                          "loss_on_visible", "pretrain_aug")} == dict(
+        mask_type="block", decoder_embed_dim=64, decoder_depth=2, encoder_mask_token=True, loss_on_visible=True,
+        pretrain_aug="crop_rand_color")
+    assert ckpt["model"]["decoder_embed.weight"].shape == (64, 192) and "decoder_blocks.1.norm1.weight" in ckpt["model"]
+    assert "decoder_blocks.2.norm1.weight" not in ckpt["model"] and "encoder_mask_token" in ckpt["model"]
+    # fine-tuning drops the decoder and the encoder's mask token as usual
+    run_entry(main_finetune, *TINY_CLS, "--input_size", "64", "--data_path", image_folder, "--nb_classes", "2",
+              "--epochs", "1", "--finetune", out / "checkpoint-0.pth", "--output_dir", "", "--log_dir", "")
+    # a grid mask with another ratio is a one-line error naming the flag
+    proc = run_entry(main_pretrain, *TINY_PRETRAIN, "--input_size", "64", "--data_path", image_folder,
+                     "--epochs", "1", "--output_dir", "", "--mask_type", "grid", "--mask_ratio", "0.5", check=False)
+    assert proc.returncode == 2 and "--mask_type grid" in proc.stderr and "0.75" in proc.stderr

@@ -109,3 +109,20 @@ def test_posterize_fix_applies_only_where_pillow_rejects_zero_bits(monkeypatch):
     assert compat.fix_timm_posterize() is False and table["Posterize"] is auto_augment.posterize
     monkeypatch.setattr(compat, "pillow_rejects_zero_bit_posterize", lambda: True)
     assert compat.fix_timm_posterize() is True and table["Posterize"] is compat._posterize
+
+
+@pytest.mark.parametrize("aug", transforms.PRETRAIN_AUGS)
+def test_pretrain_augmentations(aug):
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    t = transforms.pretrain_transform(32, normalize=False, aug=aug)
+    outs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        outs.append(t(img))
+    assert outs[0].shape == (3, 32, 32) and outs[0].dtype == torch.uint8
+    assert torch.equal(outs[0], outs[1]) == (aug == "none")  # only 'none' is deterministic
+    names = [type(step).__name__ for step in t.transforms]
+    assert ("ColorJitter" in names) == (aug == "crop_rand_color")
+    assert ("RandomResizedCrop" in names) == aug.startswith("crop_rand")
+    with pytest.raises(ValueError, match="must be one of"):
+        transforms.pretrain_transform(32, aug="mixup")

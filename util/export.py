@@ -31,7 +31,8 @@ HF_INSTALL = "pip install -r requirements-hf.txt"
 
 
 def _is_decoder(key: str) -> bool:
-    return key.startswith(("decoder_", "mask_token"))
+    """Weights only pre-training uses: the decoder, its mask token, and --encoder_mask_token's."""
+    return key.startswith(("decoder_", "mask_token", "encoder_mask_token"))
 
 
 def _fold_linear_probe_head(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -79,8 +80,12 @@ def load_for_export(path: str, model_name: Optional[str] = None) -> Tuple[str, t
         name = f"vit_{SIZES[width]}_patch{patch}"
     if kind == "mae":
         name = name if name.startswith("mae_") else "mae_" + name
-        decoder_depth = len({k.split(".")[1] for k in state_dict if k.startswith("decoder_blocks.")})
-        model = models_mae.create_model(name, img_size=img_size, depth=depth, decoder_depth=decoder_depth,
+        decoder = dict(decoder_depth=len({k.split(".")[1] for k in state_dict if k.startswith("decoder_blocks.")}),
+                       decoder_embed_dim=state_dict["decoder_embed.weight"].shape[0])
+        if saved.get("decoder_num_heads"):
+            decoder["decoder_num_heads"] = saved["decoder_num_heads"]
+        model = models_mae.create_model(name, img_size=img_size, depth=depth, **decoder,
+                                        encoder_mask_token="encoder_mask_token" in state_dict,
                                         norm_pix_loss=bool(saved.get("norm_pix_loss", False)))
     else:
         name = name[len("mae_"):].split("_dec")[0] if name.startswith("mae_") else name
@@ -133,6 +138,9 @@ def export_hf(kind: str, model: torch.nn.Module, output_dir: str, mask_ratio: fl
     if kind == "encoder":
         raise UserError("this checkpoint holds an encoder without a decoder: --format hf writes "
                         "ViTMAEForPreTraining, which needs one; use --format timm or --format encoder")
+    if kind == "mae" and hasattr(model, "encoder_mask_token"):
+        raise UserError("this MAE was pre-trained with --encoder_mask_token, which Hugging Face's ViTMAE does not "
+                        "have; use --format timm or --format encoder (the encoder alone)")
     if kind == "classifier" and model.global_pool == "avg":
         raise UserError("a global-pool classifier (mean of the patch tokens, then fc_norm) has no exact Hugging "
                         "Face counterpart (ViTForImageClassification classifies the class token); use "

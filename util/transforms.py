@@ -83,12 +83,29 @@ def eval_transform(input_size: int, normalize: bool = True) -> Callable:
     ], normalize)
 
 
-def pretrain_transform(input_size: int, normalize: bool = True) -> Callable:
-    """MAE pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise (or uint8)."""
-    return _to_tensor([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-        transforms.RandomHorizontalFlip(),
-    ], normalize)
+PRETRAIN_AUGS = ("none", "crop_fixed", "crop_rand", "crop_rand_color")
+
+
+def pretrain_transform(input_size: int, normalize: bool = True, aug: str = "crop_rand") -> Callable:
+    """MAE pre-training augmentation (paper Table 1e), then normalise (or uint8).
+
+    crop_rand (the reference): random resized crop, scale 0.2-1, bicubic, and horizontal flip;
+    crop_rand_color: the same, then color jitter (brightness, contrast, saturation 0.4, hue 0.1);
+    crop_fixed: resize the short side to input_size / 0.875 (bicubic), random crop of input_size, flip;
+    none: resize the short side to input_size / 0.875 (bicubic), center crop of input_size.
+    """
+    if aug not in PRETRAIN_AUGS:
+        raise ValueError(f"pre-training augmentation must be one of {', '.join(PRETRAIN_AUGS)}, got {aug}")
+    resize = transforms.Resize(int(input_size / 0.875), interpolation=BICUBIC)
+    steps = {
+        "none": [resize, transforms.CenterCrop(input_size)],
+        "crop_fixed": [resize, transforms.RandomCrop(input_size), transforms.RandomHorizontalFlip()],
+        "crop_rand": [transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+                      transforms.RandomHorizontalFlip()],
+        "crop_rand_color": [transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+                            transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)],
+    }[aug]
+    return _to_tensor(steps, normalize)
 
 
 def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = True) -> Callable:
