@@ -17,6 +17,7 @@ import util.runner as runner
 from engine_pretrain import train_one_epoch
 from util.datasets import build_dataset, train_loader
 from util.errors import UserError
+from util.knn import encoder_features, knn_evaluate, knn_loaders
 from util.logger import log
 from util.precision import make_loss_scaler
 from util.resume import restore
@@ -55,6 +56,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "(Table 1c, 'w/ [M]'; slower and worse, to reproduce that row)")
     ablation.add_argument("--loss_on_visible", action="store_true",
                           help="average the loss over every patch, not only the removed ones")
+    g["ours"].add_argument("--knn_freq", default=0, type=int, metavar="N",
+                           help="k-NN evaluation of the encoder (class token, k 20, DINO's weighting) every N epochs "
+                                "and at the last; 0 turns it off")
+    g["ours"].add_argument("--knn_data_path", default=None,
+                           help="ImageFolder with train/ and val/ for --knn_freq (default: --data_path)")
+    g["ours"].add_argument("--knn_max_train", default=10000, type=int, metavar="N",
+                           help="use at most N training images (a fixed random subset) for --knn_freq")
     ablation.add_argument("--pretrain_aug", default="crop_rand", choices=PRETRAIN_AUGS,
                           help="pre-training augmentation (Table 1e): none, crop_fixed, crop_rand (the reference: "
                                "random resized crop 0.2-1 + flip), crop_rand_color (+ color jitter); see PRETRAIN.md")
@@ -73,6 +81,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.save_freq < 1:
         raise UserError(f"--save_freq must be at least 1, got {args.save_freq}")
+    if args.knn_freq < 0 or args.knn_max_train < 1:
+        raise UserError(f"--knn_freq must be 0 (off) or more and --knn_max_train at least 1, got "
+                        f"{args.knn_freq} and {args.knn_max_train}")
     if args.vis_freq < 0:
         raise UserError(f"--vis_freq must be 0 (off) or more, got {args.vis_freq}")
     for flag in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
@@ -138,6 +149,20 @@ def main(args: argparse.Namespace) -> None:
     log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
 
     vis_images = fixed_images(dataset_train, args.input_size) if log_writer is not None and args.vis_freq else None
+    knn = knn_loaders(args.knn_data_path or args.data_path, args.input_size, args.batch_size, args.num_workers,
+                      args.pin_mem, args.knn_max_train, args.strict_data) if args.knn_freq else None
+
+    def knn_monitor(epoch: int) -> dict:
+        if knn is None or (epoch % args.knn_freq and epoch + 1 != args.epochs):
+            return {}
+        model_without_ddp.eval()
+        (top1, top5), = knn_evaluate(encoder_features(model_without_ddp, global_pool=False), *knn, device, [20],
+                                     amp=args.amp).values()
+        model_without_ddp.train()
+        if log_writer is not None:
+            log_writer.add_scalar("knn_acc1", top1, epoch)
+            log_writer.add_scalar("knn_acc5", top5, epoch)
+        return {"knn_acc1": top1, "knn_acc5": top5}
 
     def train_and_show(epoch: int, **resume) -> dict:
         stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
@@ -149,7 +174,7 @@ def main(args: argparse.Namespace) -> None:
     runner.train_loop(
         args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
         loss_scaler=loss_scaler, data_loader_train=data_loader_train, train_one_epoch=train_and_show,
-        log_writer=log_writer, numbered_every=args.save_freq, position=position)
+        log_writer=log_writer, numbered_every=args.save_freq, position=position, monitor=knn_monitor)
     if log_writer is not None:
         log_writer.close()
 

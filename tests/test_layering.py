@@ -20,10 +20,10 @@ LAYERS = [
     ("checkpoint", ["util.formats", "util.checkpoint", "util.resume", "util.preemption"]),
     ("data", ["util.transforms", "util.datasets"]),
     ("models", ["models_mae", "models_vit"]),
-    ("engine loop", ["util.engine_loop"]),
+    ("engine loop", ["util.engine_loop", "util.knn"]),
     ("engines", ["engine_pretrain", "engine_finetune"]),
     ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc", "util.export"]),
-    ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "benchmark", "export"]),
+    ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "main_knn", "benchmark", "export"]),
     ("launchers", ["util.submit", "submitit_pretrain", "submitit_finetune", "submitit_linprobe"]),
 ]
 LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}

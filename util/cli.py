@@ -36,79 +36,110 @@ def command_line_parser(parent: argparse.ArgumentParser, description: Optional[s
                                    formatter_class=HelpFormatter)
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, model: str,
-                    weight_decay: float, blr: float, min_lr: float, warmup_epochs: int, model_help: str,
-                    extra_groups: Sequence[str] = ()) -> Groups:
+def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, model: str, model_help: str,
+                    epochs: int = 1, weight_decay: float = 0.0, blr: float = 0.0, min_lr: float = 0.0,
+                    warmup_epochs: int = 0, extra_groups: Sequence[str] = (), training: bool = True) -> Groups:
     """Add the flags every entry point has, with that entry point's reference defaults.
 
     Returns the argument groups by name ('training', 'model', 'optimizer', the `extra_groups`, 'data',
     'distributed', 'ours'), in the order --help prints them, for the entry point to add its own flags.
+    training=False (tools that only evaluate, such as main_knn.py) leaves out the training and optimizer
+    groups and the resume / schedule flags, fixing their values so the run settings resolve as usual.
     """
-    titles = ["training", "model", "optimizer", *extra_groups, "data", "distributed", "ours"]
+    titles = [*(["training", "model", "optimizer"] if training else ["model"]), *extra_groups, "data",
+              "distributed", "ours"]
     descriptions = {"ours": "not in the reference code"}
     g = {t: parser.add_argument_group(f"{t} parameters" if t != "ours" else "ours",
                                       descriptions.get(t)) for t in titles}
 
-    g["training"].add_argument("--batch_size", default=batch_size, type=int,
-                               help="batch size per process (effective batch size is batch_size * accum_iter "
-                                    "* number of processes)")
-    g["training"].add_argument("--epochs", default=epochs, type=int, help="epochs of the schedule")
-    g["training"].add_argument("--accum_iter", default=1, type=int,
-                               help="accumulate gradients over this many iterations per optimizer step "
-                                    "(a larger effective batch size under memory constraints)")
-
+    g["training" if training else "data"].add_argument(
+        "--batch_size", default=batch_size, type=int,
+        help="batch size per process (effective batch size is batch_size * accum_iter * number of processes)")
+    if not training:
+        parser.set_defaults(epochs=1, accum_iter=1, weight_decay=0.0, lr=None, blr=0.0, min_lr=0.0, warmup_epochs=0,
+                            log_dir="", resume="", start_epoch=0, compile=False, print_freq=20, auto_resume=False,
+                            stop_epoch=None, save_every_minutes=None)
+    if training:
+        _add_training_args(g["training"], epochs)
     g["model"].add_argument("--model", default=model, type=str, metavar="MODEL", help=model_help)
     g["model"].add_argument("--input_size", default=224, type=int, help="image input size (pixels, square)")
+    if training:
+        _add_optimizer_args(g["optimizer"], weight_decay, blr, min_lr, warmup_epochs)
+    _add_data_args(parser, g["data"], training)
+    _add_distributed_args(g["distributed"])
+    _add_our_args(parser, g["ours"], training)
+    return g
 
-    g["optimizer"].add_argument("--weight_decay", type=float, default=weight_decay, help="weight decay")
-    g["optimizer"].add_argument("--lr", type=float, default=None, metavar="LR",
-                                help="learning rate (absolute lr); when absent, computed from --blr")
-    g["optimizer"].add_argument("--blr", type=float, default=blr, metavar="LR",
-                                help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    g["optimizer"].add_argument("--min_lr", type=float, default=min_lr, metavar="LR",
-                                help="lower lr bound for cyclic schedulers that hit 0")
-    g["optimizer"].add_argument("--warmup_epochs", type=int, default=warmup_epochs, metavar="N",
-                                help="epochs to warm up the lr linearly from 0")
 
-    g["data"].add_argument("--data_path", default=None, type=str,
-                           help="dataset path (required): a folder with train/ (and val/) ImageFolder "
+def _add_training_args(group: Any, epochs: int) -> None:
+    group.add_argument("--epochs", default=epochs, type=int, help="epochs of the schedule")
+    group.add_argument("--accum_iter", default=1, type=int,
+                       help="accumulate gradients over this many iterations per optimizer step (a larger effective "
+                            "batch size under memory constraints)")
+
+
+def _add_optimizer_args(group: Any, weight_decay: float, blr: float, min_lr: float, warmup_epochs: int) -> None:
+    group.add_argument("--weight_decay", type=float, default=weight_decay, help="weight decay")
+    group.add_argument("--lr", type=float, default=None, metavar="LR",
+                       help="learning rate (absolute lr); when absent, computed from --blr")
+    group.add_argument("--blr", type=float, default=blr, metavar="LR",
+                       help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    group.add_argument("--min_lr", type=float, default=min_lr, metavar="LR",
+                       help="lower lr bound for cyclic schedulers that hit 0")
+    group.add_argument("--warmup_epochs", type=int, default=warmup_epochs, metavar="N",
+                       help="epochs to warm up the lr linearly from 0")
+
+
+def _add_data_args(parser: argparse.ArgumentParser, group: Any, training: bool) -> None:
+    group.add_argument("--data_path", default=None, type=str,
+                       help="dataset path (required): a folder with train/ (and val/) ImageFolder "
                                 "sub-folders")
-    g["data"].add_argument("--output_dir", default="./output_dir",
-                           help="where to save checkpoints, log.txt and args.json; empty for no saving")
-    g["data"].add_argument("--log_dir", default="./output_dir",
-                           help="where to write TensorBoard events; empty for none")
-    g["data"].add_argument("--device", default=None,
-                           help="device to train / test on: cpu, cuda or cuda:N (default: cuda if available, "
+    group.add_argument("--output_dir", default="./output_dir",
+                       help="where to save checkpoints, log.txt and args.json; empty for no saving")
+    if training:
+        group.add_argument("--log_dir", default="./output_dir", help="where to write TensorBoard events; empty for none")
+    group.add_argument("--device", default=None,
+                       help="device to train / test on: cpu, cuda or cuda:N (default: cuda if available, "
                                 "else cpu)")
-    g["data"].add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
-    g["data"].add_argument("--resume", default="", help="resume from this checkpoint (a path or an https URL)")
-    g["data"].add_argument("--start_epoch", default=0, type=int, metavar="N",
+    group.add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
+    if training:
+        group.add_argument("--resume", default="", help="resume from this checkpoint (a path or an https URL)")
+        group.add_argument("--start_epoch", default=0, type=int, metavar="N",
                            help="first epoch (set from the checkpoint when resuming)")
-    g["data"].add_argument("--num_workers", default=10, type=int, help="data loading worker processes")
-    g["data"].add_argument("--pin_mem", action="store_true",
-                           help="pin CPU memory in the DataLoader for faster transfer to the GPU (on by default)")
-    g["data"].add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
+    group.add_argument("--num_workers", default=10, type=int, help="data loading worker processes")
+    group.add_argument("--pin_mem", action="store_true",
+                       help="pin CPU memory in the DataLoader for faster transfer to the GPU (on by default)")
+    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
     parser.set_defaults(pin_mem=True)
 
-    g["distributed"].add_argument("--world_size", default=1, type=int,
-                                  help="number of distributed processes (torchrun / SLURM set it)")
-    g["distributed"].add_argument("--local_rank", default=-1, type=int,
-                                  help="local rank (ignored: read from the LOCAL_RANK variable)")
-    g["distributed"].add_argument("--dist_on_itp", action="store_true",
-                                  help="take ranks from OpenMPI variables (OMPI_COMM_WORLD_*)")
-    g["distributed"].add_argument("--dist_url", default="env://", help="url used to set up distributed training")
 
-    ours = g["ours"]
+def _add_distributed_args(group: Any) -> None:
+    group.add_argument("--world_size", default=1, type=int,
+                       help="number of distributed processes (torchrun / SLURM set it)")
+    group.add_argument("--local_rank", default=-1, type=int,
+                       help="local rank (ignored: read from the LOCAL_RANK variable)")
+    group.add_argument("--dist_on_itp", action="store_true",
+                       help="take ranks from OpenMPI variables (OMPI_COMM_WORLD_*)")
+    group.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+
+def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) -> None:
     ours.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
                       help="mixed precision (default: fp16 on CUDA, bf16 on CPUs with native bf16, else none)")
-    ours.add_argument("--compile", action="store_true", default=None,
-                      help="torch.compile the model (default: on for CUDA, off for CPU)")
-    ours.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")
     ours.add_argument("--attn", default="auto", choices=["auto", *ATTN_IMPLS],
                       help="attention kernel: fused sdpa or explicit math (auto: the faster one measured for the "
                            "device and --amp)")
     ours.add_argument("--patch_embed", default="auto", choices=["auto", *PATCH_EMBED_IMPLS],
                       help="patch embedding as a convolution or as patchify + one matmul (auto: linear)")
+    ours.add_argument("--strict_data", action="store_true",
+                      help="stop at the first unreadable image instead of skipping it with a warning")
+    ours.add_argument("--dist_timeout", default=30, type=float, metavar="MIN",
+                      help="minutes a process waits for the others before the job fails")
+    if not training:
+        return
+    ours.add_argument("--compile", action="store_true", default=None,
+                      help="torch.compile the model (default: on for CUDA, off for CPU)")
+    ours.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")
     ours.add_argument("--print_freq", default=20, type=int, help="console line every N iterations")
     ours.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
                       help="do not resume from the newest checkpoint in --output_dir when --resume is empty")
@@ -119,11 +150,6 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     ours.add_argument("--save_every_minutes", default=None, type=float, metavar="M",
                       help="also write checkpoint-last.pth inside an epoch every M minutes of training, so a hard "
                            "kill loses at most M minutes (default: off; a stop signal always saves the position)")
-    ours.add_argument("--strict_data", action="store_true",
-                      help="stop at the first unreadable image instead of skipping it with a warning")
-    ours.add_argument("--dist_timeout", default=30, type=float, metavar="MIN",
-                      help="minutes a process waits for the others before the job fails")
-    return g
 
 
 def add_classification_args(g: Groups, *, global_pool: bool) -> None:

@@ -109,7 +109,8 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
                train_one_epoch: Callable[..., Dict[str, float]],
                evaluate: Optional[Callable[[int], Dict[str, float]]] = None,
                log_writer: Any = None, numbered_every: int = 1,
-               extra_log: Optional[Dict[str, Any]] = None, position: Optional[EpochPosition] = None) -> None:
+               extra_log: Optional[Dict[str, Any]] = None, position: Optional[EpochPosition] = None,
+               monitor: Optional[Callable[[int], Dict[str, float]]] = None) -> None:
     """Train from args.start_epoch to args.epochs (or --stop_epoch): train, evaluate, log, save, per epoch.
 
     On SIGTERM / SIGUSR1 / SIGUSR2 every rank finishes the optimizer step it is in, checkpoint-last.pth
@@ -123,6 +124,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
         numbered_every: write checkpoint-{epoch}.pth every this many epochs and at the last one.
         extra_log: constant entries for every log.txt line (e.g. n_parameters).
         position: where to continue inside the first epoch (position_in_epoch), or None.
+        monitor: epoch -> numbers logged as they are named (e.g. knn_acc1), or None.
     """
     log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
     if log_path and is_main_process():
@@ -159,6 +161,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
                 sampler.resume_from(here.order, here.step * data_loader_train.batch_size)
             train_stats = train_one_epoch(epoch, position=here, after_step=step_hook(epoch))
             test_stats = evaluate(epoch) if evaluate is not None else {}
+            monitored = monitor(epoch) if monitor is not None else {}
             skipped = getattr(data_loader_train.dataset, "skipped", 0)
             if skipped:
                 warn(f"epoch {epoch}: {skipped} unreadable training image(s) skipped so far (see the warnings "
@@ -166,7 +169,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
 
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                          **{f"test_{k}": v for k, v in test_stats.items()},
-                         "epoch": epoch, **(extra_log or {})}
+                         **monitored, "epoch": epoch, **(extra_log or {})}
             if log_path and is_main_process():
                 if log_writer is not None:
                     log_writer.flush()

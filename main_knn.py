@@ -1,0 +1,81 @@
+"""k-NN classification with the frozen features of a pre-trained (or fine-tuned) MAE encoder.
+
+    python main_knn.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth --data_path ${IMAGENET_DIR}
+
+Under torchrun every process extracts the features of its shard of train/ and val/ (each image once), and
+the shards are gathered before the vote.
+
+References:
+    DINO: https://github.com/facebookresearch/dino (eval_knn.py: the protocol)
+    MAE: https://arxiv.org/abs/2111.06377
+"""
+import argparse
+import json
+import os
+import sys
+
+import models_vit
+import util.cli as cli
+import util.runner as runner
+from util.checkpoint import load_pretrained
+from util.datasets import build_dataset, eval_loader
+from util.distributed import is_main_process
+from util.errors import UserError
+from util.knn import knn_evaluate, knn_ks
+from util.logger import log
+from util.transforms import eval_transform
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """k-NN flags (the reference's style; defaults as DINO's k-NN evaluation)."""
+    parser = argparse.ArgumentParser("MAE k-NN evaluation", add_help=False,
+                                     description="k-NN classification (DINO's protocol) with a frozen encoder.")
+    g = cli.add_common_args(
+        parser, batch_size=128, model="vit_large_patch16", extra_groups=("k-NN",), training=False,
+        model_help="name of the ViT whose encoder is evaluated (one of: " + ", ".join(models_vit.model_names()) + ")")
+    knn = g["k-NN"]
+    knn.add_argument("--finetune", default="", help="the checkpoint to evaluate: pre-training or fine-tuning; ours, "
+                                                    "the reference's, timm's or Hugging Face's")
+    knn.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int, metavar="K",
+                     help="numbers of nearest neighbours to evaluate")
+    knn.add_argument("--temperature", default=0.07, type=float, help="vote weight exp(cosine similarity / T)")
+    knn.add_argument("--global_pool", action="store_true",
+                     help="features: the mean of the patch tokens (then fc_norm where the checkpoint has one)")
+    knn.add_argument("--cls_token", action="store_false", dest="global_pool",
+                     help="features: the class token after the final norm (the default, as in linear probing)")
+    knn.set_defaults(global_pool=False)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Evaluate --finetune's encoder by k-NN on --data_path/{train,val}; return {k: (top1, top5)}."""
+    if not args.finetune:
+        raise UserError("--finetune is required: the checkpoint whose encoder is evaluated")
+    try:
+        ks = knn_ks(args.nb_knn)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be more than 0, got {args.temperature}")
+    device = runner.setup(args)
+
+    model = models_vit.create_model(args.model, num_classes=0, global_pool=args.global_pool,
+                                    img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed)
+    runner.check_input_size(args.input_size, model)
+    load_pretrained(model, args.finetune, args.global_pool)
+    model.to(device).eval()
+
+    transform = eval_transform(args.input_size, normalize=False)  # uint8, normalised on the device
+    loaders = [eval_loader(build_dataset(is_train, args, transform=transform), args.batch_size, args.num_workers,
+                           args.pin_mem, dist_eval=True) for is_train in (True, False)]
+    log(f"k-NN on {len(loaders[0].dataset)} training and {len(loaders[1].dataset)} validation images")
+    results = knn_evaluate(model, loaders[0], loaders[1], device, ks, args.temperature, args.amp)
+    if args.output_dir and is_main_process():
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps({"checkpoint": args.finetune, **{f"{k}nn_top1": r[0] for k, r in results.items()},
+                                **{f"{k}nn_top5": r[1] for k, r in results.items()}}) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(cli.launch(main, cli.command_line_parser(get_args_parser()).parse_args()))
