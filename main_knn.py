@@ -21,7 +21,7 @@ from util.checkpoint import load_pretrained
 from util.datasets import build_dataset, eval_loader
 from util.distributed import is_main_process
 from util.errors import UserError
-from util.knn import knn_evaluate, knn_ks
+from util.knn import check_same_classes, knn_evaluate, knn_ks
 from util.logger import log
 from util.transforms import eval_transform
 
@@ -66,8 +66,9 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device).eval()
 
     transform = eval_transform(args.input_size, normalize=False)  # uint8, normalised on the device
-    loaders = [eval_loader(build_dataset(is_train, args, transform=transform), args.batch_size, args.num_workers,
-                           args.pin_mem, dist_eval=True) for is_train in (True, False)]
+    datasets = [build_dataset(is_train, args, transform=transform) for is_train in (True, False)]
+    check_same_classes(*datasets)
+    loaders = [eval_loader(ds, args.batch_size, args.num_workers, args.pin_mem, dist_eval=True) for ds in datasets]
     log(f"k-NN on {len(loaders[0].dataset)} training and {len(loaders[1].dataset)} validation images")
     results = knn_evaluate(model, loaders[0], loaders[1], device, ks, args.temperature, args.amp)
     if args.output_dir and is_main_process():

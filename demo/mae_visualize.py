@@ -7,12 +7,10 @@ Works with our checkpoints and reference ones (model, input size and norm_pix_lo
 checkpoint's args when present, else inferred from its weights or taken from the flags).
 """
 import argparse
-import math
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
@@ -20,7 +18,7 @@ from torchvision import transforms
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_mae  # noqa: E402
-from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
+from util.export import load_for_export  # noqa: E402
 from util.errors import CheckpointError, DataError, UserError  # noqa: E402
 from util.cli import launch  # noqa: E402
 from util.visualize import reconstruct, to_uint8  # noqa: E402
@@ -41,37 +39,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def infer_model(state_dict: dict) -> Tuple[str, int]:
-    """(model name, input size) of the registered MAE whose weights have these shapes."""
-    if "pos_embed" not in state_dict or "patch_embed.proj.weight" not in state_dict:
-        raise CheckpointError("the checkpoint holds no MAE weights (no pos_embed / patch_embed); pass --model")
-    patch = state_dict["patch_embed.proj.weight"].shape[-1]
-    grid = int(round(math.sqrt(state_dict["pos_embed"].shape[1] - 1)))
-    size = grid * patch
-    for name in sorted(set(fn.__name__ for fn in models_mae.MODELS.values())):
-        with torch.device("meta"):
-            candidate = models_mae.MODELS[name](img_size=size).state_dict()
-        if candidate.keys() == state_dict.keys() and all(
-                candidate[k].shape == state_dict[k].shape for k in candidate):
-            return name, size
-    raise CheckpointError("no registered MAE model matches the checkpoint's weights; pass --model and --input_size")
-
-
 def load_mae(path: str, model_name: Optional[str], input_size: Optional[int],
              norm_pix_loss: Optional[bool]) -> models_mae.MaskedAutoencoderViT:
-    """Build the checkpoint's MAE and load its weights strictly."""
-    ckpt = load_checkpoint(path)
-    state_dict = ckpt.get("model", ckpt)
-    saved = ckpt.get("args") or {}
-    name = model_name or saved.get("model")
-    size = input_size or saved.get("input_size")
-    if name is None or size is None:
-        guessed_name, guessed_size = infer_model(state_dict)
-        name, size = name or guessed_name, size or guessed_size
-    if norm_pix_loss is None:
-        norm_pix_loss = bool(saved.get("norm_pix_loss", False))
-    model = models_mae.create_model(name, img_size=size, norm_pix_loss=norm_pix_loss)
-    load_state_dict_strict(model, state_dict, path)
+    """Build the checkpoint's MAE (name, size, decoder and mask type from its args, else from the shapes of
+    its weights) and load the weights strictly."""
+    kind, model, saved = load_for_export(path, model_name)
+    if kind != "mae":
+        raise CheckpointError(f"{path} holds no decoder: reconstructions need a pre-training checkpoint")
+    size = model.patch_embed.img_size[0]
+    if input_size is not None and input_size != size:
+        raise UserError(f"--input_size {input_size} does not fit the checkpoint, whose position table is for "
+                        f"{size} px; leave --input_size out")
+    if norm_pix_loss is not None:
+        model.norm_pix_loss = norm_pix_loss
     return model.eval()
 
 

@@ -103,3 +103,15 @@ def test_knn_monitor_during_pretraining(cls_data, tmp_path):
     assert all(0 <= r["knn_acc1"] <= r["knn_acc5"] <= 100 for r in rows if "knn_acc1" in r)
     # 7 validation images: accuracies are multiples of 100/7
     assert rows[0]["knn_acc1"] * 7 / 100 == pytest.approx(round(rows[0]["knn_acc1"] * 7 / 100))
+
+
+def test_different_class_folders_in_train_and_val_are_an_error(tmp_path):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=2, size=32, splits=("train",))
+    make_image_folder(tmp_path / "data", classes=2, per_class=2, size=32, splits=("val",))
+    model = tmp_path / "mae.pth"
+    import models_vit
+    torch.save({"model": models_vit.vit_tiny_patch16(img_size=32, num_classes=0).state_dict()}, model)
+    proc = run_entry(main_knn, *KNN, "--data_path", data, "--finetune", model, "--output_dir", "", check=False)
+    assert proc.returncode == 2 and "different class folders (class2)" in proc.stderr

@@ -111,3 +111,23 @@ def test_decoder_size_changes_only_the_decoder():
     assert small.decoder_blocks[0].attn.num_heads == 2
     encoder = {k: v.shape for k, v in default.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     assert encoder == {k: v.shape for k, v in small.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+
+
+def test_reconstructions_use_the_models_mask_type_and_leave_the_random_streams():
+    import numpy as np
+
+    from util.visualize import reconstruct
+
+    model = models_mae.mae_vit_tiny_patch16(img_size=64, mask_type="grid")
+    imgs = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    expected = (torch.rand(2), np.random.rand(2))
+    torch.manual_seed(3)
+    np.random.seed(3)
+    removed = (reconstruct(model, imgs)[:, 1] == 0).all(dim=1)  # [N, H, W]: the masked panel's grey pixels
+    assert torch.equal(torch.rand(2), expected[0]) and (np.random.rand(2) == expected[1]).all()
+    assert not removed[:, :16, :16].any() and removed[:, :16, 16:32].all() and removed[:, 16:32, :].all()
+    model.mask_type = "block"
+    first, second = (reconstruct(model, imgs, seed=1)[:, 1] for _ in range(2))
+    assert torch.equal(first, second)  # the seed fixes the block masks too

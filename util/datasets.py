@@ -141,10 +141,12 @@ class ShardSampler(Sampler):
 
 
 def _loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_mem: bool,
-            drop_last: bool) -> DataLoader:
+            drop_last: bool, keep_workers: bool = True) -> DataLoader:
+    # without kept workers the loader also seeds them from its own generator, not the global random stream
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_mem and torch.cuda.is_available(), drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=keep_workers and num_workers > 0,
+                      generator=None if keep_workers else torch.Generator().manual_seed(0))
 
 
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bool, seed: int) -> DataLoader:
@@ -159,16 +161,19 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: b
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bool,
-                dist_eval: bool) -> DataLoader:
-    """Validation loader: sequential, or sharded without duplicates across ranks with `dist_eval`."""
+                dist_eval: bool, keep_workers: bool = True) -> DataLoader:
+    """Validation loader: sequential, or sharded without duplicates across ranks with `dist_eval`.
+
+    keep_workers=False: workers end with each pass and the loader draws from its own generator (for
+    evaluations inside a training run, such as the k-NN monitor)."""
     world = get_world_size()
     if dist_eval and world > 1:
         if len(dataset) % world != 0:
-            warn(f"the validation set ({len(dataset)} images) does not divide evenly over {world} processes; "
+            warn(f"the evaluation set ({len(dataset)} images) does not divide evenly over {world} processes; "
                  f"shards differ in size, every image is still counted exactly once")
         sampler: Sampler = ShardSampler(dataset, world, get_rank())
     else:
         if world > 1:
             log("Evaluating on every process without --dist_eval: each one sees the full validation set")
         sampler = SequentialSampler(dataset)
-    return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=False)
+    return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=False, keep_workers=keep_workers)

@@ -86,7 +86,8 @@ def load_for_export(path: str, model_name: Optional[str] = None) -> Tuple[str, t
             decoder["decoder_num_heads"] = saved["decoder_num_heads"]
         model = models_mae.create_model(name, img_size=img_size, depth=depth, **decoder,
                                         encoder_mask_token="encoder_mask_token" in state_dict,
-                                        norm_pix_loss=bool(saved.get("norm_pix_loss", False)))
+                                        norm_pix_loss=bool(saved.get("norm_pix_loss", False)),
+                                        mask_type=saved.get("mask_type", "random"))
     else:
         name = name[len("mae_"):].split("_dec")[0] if name.startswith("mae_") else name
         num_classes = state_dict["head.weight"].shape[0] if kind == "classifier" else 0

@@ -8,57 +8,84 @@ References:
 import argparse
 import os
 import time
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from util.datasets import build_dataset, eval_loader
-from util.distributed import all_gather_objects
+from util.distributed import all_reduce_sum_, get_world_size
 from util.errors import UserError
 from util.logger import log
 from util.precision import autocast
 from util.transforms import eval_transform, normalize_images
 
 
+def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `local` (on this rank's device), concatenated in rank order (a collective)."""
+    if get_world_size() == 1:
+        return local
+    sizes = torch.tensor([local.shape[0]], device=local.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    longest = int(max(int(n) for n in all_sizes))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:local.shape[0]] = local
+    parts = [torch.zeros_like(padded) for _ in all_sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(n)] for part, n in zip(parts, all_sizes)])
+
+
 @torch.no_grad()
 def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
-                     amp: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(L2-normalised features [N, D], labels [N]) of every image of the loader's dataset, in dataset order.
-
-    The loader may be a shard (util.datasets.ShardSampler) of a distributed run: the shards are gathered,
-    so every rank ends with the whole set (a collective).
-    """
+                     amp: str = "none") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dataset indices [n], L2-normalised features [n, D], labels [n]) of this rank's images, on `device`."""
     feats, labels, indices = [], [], []
     index_iter = iter(loader.sampler)
     for images, targets in loader:
         images = normalize_images(images.to(device, non_blocking=True))
         with autocast(device, amp):
             out = encode(images)
-        feats.append(F.normalize(out.float(), dim=1).cpu())
-        labels.append(targets)
+        feats.append(F.normalize(out.float(), dim=1))
+        labels.append(targets.to(device))
         indices.extend(next(index_iter) for _ in range(len(targets)))
-    dim = feats[0].shape[1] if feats else 0
-    shard = (torch.tensor(indices, dtype=torch.long), torch.cat(feats) if feats else torch.zeros(0, dim),
-             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
-    parts = all_gather_objects(shard)
-    order = torch.cat([p[0] for p in parts]).argsort()
-    return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+    if not feats:  # an empty shard: the feature width comes from one forward pass of nothing
+        dim = encode(torch.zeros(0, 3, *_image_size(loader), device=device)).shape[-1]
+        return (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dim, device=device),
+                torch.zeros(0, dtype=torch.long, device=device))
+    return torch.tensor(indices, dtype=torch.long, device=device), torch.cat(feats), torch.cat(labels)
+
+
+def _image_size(loader: Iterable) -> Tuple[int, int]:
+    image = loader.dataset[0][0]
+    return tuple(image.shape[-2:])
 
 
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                  val_labels: torch.Tensor, ks: Sequence[int], temperature: float = 0.07, num_classes: int = 0,
                  weighting: str = "exp", chunk: int = 256) -> Dict[int, Tuple[float, float]]:
-    """k -> (top-1 %, top-5 %) of k-NN voting on L2-normalised features.
+    """k -> (top-1 %, top-5 %) of k-NN voting on L2-normalised features (all on one device).
 
     Args:
         ks: the numbers of neighbours to evaluate (each capped at the training-set size).
         weighting: 'exp' (DINO: exp(cosine similarity / temperature)) or 'uniform' (one vote each).
         num_classes: at least max label + 1 (default: from the labels).
     """
-    num_classes = max(num_classes, int(train_labels.max()) + 1, int(val_labels.max()) + 1)
+    hits = knn_hits(train_feats, train_labels, val_feats, val_labels, ks, temperature, num_classes, weighting, chunk)
+    n = max(val_feats.shape[0], 1)
+    return {k: (100.0 * h1 / n, 100.0 * h5 / n) for k, (h1, h5) in hits.items()}
+
+
+@torch.no_grad()
+def knn_hits(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+             val_labels: torch.Tensor, ks: Sequence[int], temperature: float = 0.07, num_classes: int = 0,
+             weighting: str = "exp", chunk: int = 256) -> Dict[int, Tuple[int, int]]:
+    """k -> (top-1 hits, top-5 hits) among the validation images (see knn_classify)."""
+    num_classes = max(num_classes, int(train_labels.max()) + 1,
+                      int(val_labels.max()) + 1 if val_labels.numel() else 0)
     k_max = min(max(ks), train_feats.shape[0])
     hits = {k: [0, 0] for k in ks}
     for start in range(0, val_feats.shape[0], chunk):
@@ -68,28 +95,51 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
         targets = val_labels[start:start + chunk]
         for k in ks:
             kk = min(k, k_max)
-            votes = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64)
+            votes = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64, device=sims.device)
             votes.scatter_add_(1, neighbours[:, :kk], weights[:, :kk].double())
-            top = votes.topk(min(5, num_classes), dim=1).indices
+            top = votes.topk(min(5, kk, num_classes), dim=1).indices  # DINO: top-5 among at most k guesses
             hits[k][0] += int((top[:, 0] == targets).sum())
             hits[k][1] += int((top == targets[:, None]).any(dim=1).sum())
-    n = max(val_feats.shape[0], 1)
-    return {k: (100.0 * h1 / n, 100.0 * h5 / n) for k, (h1, h5) in hits.items()}
+    return {k: (h1, h5) for k, (h1, h5) in hits.items()}
 
 
 def knn_evaluate(encode: Callable[[torch.Tensor], torch.Tensor], train_loader: Iterable, val_loader: Iterable,
                  device: torch.device, ks: Sequence[int], temperature: float = 0.07,
                  amp: str = "none") -> Dict[int, Tuple[float, float]]:
-    """Extract the features of both loaders, classify the validation images; prints one line per k and the cost."""
+    """Extract the features of both loaders (sharded), classify the validation images; prints one line per k
+    and the cost. Every rank holds the whole training set's features (gathered as tensors, on the device)
+    and votes for its own validation shard; the hits are summed over ranks."""
     start = time.time()
-    train_feats, train_labels = extract_features(encode, train_loader, device, amp)
-    val_feats, val_labels = extract_features(encode, val_loader, device, amp)
-    results = knn_classify(train_feats, train_labels, val_feats, val_labels, ks, temperature)
+    train_idx, train_feats, train_labels = extract_features(encode, train_loader, device, amp)
+    order = _gather_rows(train_idx).argsort()  # dataset order, whatever the sharding
+    train_feats, train_labels = _gather_rows(train_feats)[order], _gather_rows(train_labels)[order]
+    _, val_feats, val_labels = extract_features(encode, val_loader, device, amp)
+    num_classes = len(getattr(_base(val_loader.dataset), "classes", [])) or 0
+    hits = knn_hits(train_feats, train_labels, val_feats, val_labels, ks, temperature, num_classes)
+    counts = torch.tensor([[h1, h5] for h1, h5 in hits.values()] + [[val_feats.shape[0], 0]],
+                          dtype=torch.float64, device=device)
+    counts = all_reduce_sum_(counts)
+    n = max(int(counts[-1, 0]), 1)
+    results = {k: (100.0 * float(c[0]) / n, 100.0 * float(c[1]) / n) for k, c in zip(hits, counts[:-1])}
     for k, (top1, top5) in results.items():
-        log(f"{k}-NN classifier result: Top1: {top1:.1f}, Top5: {top5:.1f}")
-    log(f"k-NN evaluation: {len(train_labels)} training and {len(val_labels)} validation images in "
+        capped = f" (k capped at the {train_feats.shape[0]} training images)" if k > train_feats.shape[0] else ""
+        log(f"{k}-NN classifier result: Top1: {top1:.1f}, Top5: {top5:.1f}{capped}")
+    log(f"k-NN evaluation: {train_feats.shape[0]} training and {n} validation images in "
         f"{time.time() - start:.1f} s")
     return results
+
+
+def _base(dataset: Any) -> Any:
+    return dataset.dataset if isinstance(dataset, Subset) else dataset
+
+
+def check_same_classes(train: Any, val: Any) -> None:
+    """train/ and val/ must list the same class folders, or every label after a difference would shift."""
+    train_classes, val_classes = _base(train).classes, _base(val).classes
+    if train_classes != val_classes:
+        only = sorted(set(train_classes) ^ set(val_classes))
+        raise UserError(f"train/ and val/ hold different class folders ({', '.join(only[:5]) or 'in another order'}"
+                        f"{', ...' if len(only) > 5 else ''}): k-NN labels would not match; use the same classes")
 
 
 def encoder_features(model: torch.nn.Module, global_pool: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -120,7 +170,10 @@ def knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: i
     where = argparse.Namespace(data_path=data_path, strict_data=strict)
     transform = eval_transform(input_size, normalize=False)
     train, val = (build_dataset(is_train, where, transform=transform) for is_train in (True, False))
+    check_same_classes(train, val)
     if max_train and len(train) > max_train:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values
         train = Subset(train, keep.tolist())
-    return tuple(eval_loader(ds, batch_size, num_workers, pin_mem, dist_eval=True) for ds in (train, val))
+    # no workers kept between evaluations, and a private generator: training's random stream is untouched
+    return tuple(eval_loader(ds, batch_size, num_workers, pin_mem, dist_eval=True, keep_workers=False)
+                 for ds in (train, val))

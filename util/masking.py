@@ -11,6 +11,7 @@ References:
 import math
 from typing import Tuple
 
+import numpy as np
 import torch
 
 MASK_TYPES = ("random", "block", "grid")
@@ -42,34 +43,38 @@ def block_mask(grid: Tuple[int, int], num_masked: int) -> torch.Tensor:
     """One [h, w] boolean mask of exactly num_masked patches made of random rectangles.
 
     Rectangles of area uniform in [min_area, patches still to mask] (min_area: 8% of the grid, BEiT's 16 of
-    196) and aspect ratio log-uniform in [0.3, 1/0.3] are added until the count is reached; the
-    overshoot of the last one is given back at random places (or, after 100 tries, the shortfall masked
-    at random), so the count is exact.
+    196, or what remains if less) and aspect ratio log-uniform in [0.3, 1/0.3] are added until the count
+    is reached. The last rectangle's overshoot is given back among its own new patches; if 100 tries fall
+    short (a rare case), random patches make up the count. Drawn with numpy's global generator (scalar
+    draws are far cheaper there; its state is saved in checkpoints like torch's).
     """
     h, w = grid
-    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask = np.zeros((h, w), dtype=bool)
     min_area = max(1, round(0.08 * h * w))
     log_aspect = (math.log(BLOCK_ASPECT[0]), math.log(BLOCK_ASPECT[1]))
     for _ in range(100):
         remaining = num_masked - int(mask.sum())
         if remaining <= 0:
             break
-        area = min_area + torch.rand(()).item() * max(remaining - min_area, 0)
-        aspect = math.exp(log_aspect[0] + torch.rand(()).item() * (log_aspect[1] - log_aspect[0]))
+        low = min(min_area, remaining)
+        area = np.random.uniform(low, remaining) if remaining > low else low
+        aspect = math.exp(np.random.uniform(*log_aspect))
         bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 1 <= bh <= h and 1 <= bw <= w:
-            top = int(torch.randint(0, h - bh + 1, ()))
-            left = int(torch.randint(0, w - bw + 1, ()))
-            mask[top:top + bh, left:left + bw] = True
-    flat = mask.flatten()
-    extra = int(flat.sum()) - num_masked
-    if extra > 0:  # give back some of the last block's patches
-        on = flat.nonzero().flatten()
-        flat[on[torch.randperm(len(on))[:extra]]] = False
-    elif extra < 0:
-        off = (~flat).nonzero().flatten()
-        flat[off[torch.randperm(len(off))[:-extra]]] = True
-    return flat.view(h, w)
+            top, left = np.random.randint(0, h - bh + 1), np.random.randint(0, w - bw + 1)
+            block = np.zeros_like(mask)
+            block[top:top + bh, left:left + bw] = True
+            new = block & ~mask
+            extra = int(mask.sum() + new.sum()) - num_masked
+            if extra > 0:  # keep only part of this rectangle's new patches
+                drop = np.flatnonzero(new)[np.random.permutation(int(new.sum()))[:extra]]
+                new.flat[drop] = False
+            mask |= new
+    short = num_masked - int(mask.sum())
+    if short > 0:
+        off = np.flatnonzero(~mask)
+        mask.flat[off[np.random.permutation(len(off))[:short]]] = True
+    return torch.from_numpy(mask)
 
 
 def block_noise(n: int, grid: Tuple[int, int], mask_ratio: float, device: torch.device) -> torch.Tensor:

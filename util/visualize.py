@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from util.masking import block_noise, grid_noise
+
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
@@ -13,15 +15,27 @@ def reconstruct(model: torch.nn.Module, imgs: torch.Tensor, mask_ratio: float = 
                 seed: Optional[int] = 0) -> torch.Tensor:
     """Return the four panels as normalised images, [N, 4, C, H, W].
 
-    Masks come from a private generator seeded with `seed` (the global random stream is untouched).
+    Masks come from a private generator seeded with `seed` (the global random streams are untouched), of
+    the model's mask type (random, block or grid).
     For models trained with norm_pix_loss, each predicted patch is mapped back to pixel space with
     the mean and variance of the original patch.
     """
     was_training = model.training
     model.eval()
     n, L = imgs.shape[0], model.patch_embed.num_patches
-    g = torch.Generator().manual_seed(0 if seed is None else seed)
-    noise = torch.rand(n, L, generator=g).to(imgs.device)
+    mask_type = getattr(model, "mask_type", "random")
+    if mask_type == "random":
+        g = torch.Generator().manual_seed(0 if seed is None else seed)
+        noise = torch.rand(n, L, generator=g).to(imgs.device)
+    else:  # the masks the model was trained with, from a forked (then restored) random state
+        with torch.random.fork_rng(devices=[]):
+            state = np.random.get_state()
+            torch.manual_seed(0 if seed is None else seed)
+            np.random.seed(0 if seed is None else seed)
+            grid = model.patch_embed.grid_size
+            noise = grid_noise(n, grid, imgs.device) if mask_type == "grid" else \
+                block_noise(n, grid, mask_ratio, imgs.device)
+            np.random.set_state(state)
     _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
     pred = pred.float()
     if getattr(model, "norm_pix_loss", False):
