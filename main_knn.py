@@ -18,12 +18,10 @@ import models_vit
 import util.cli as cli
 import util.runner as runner
 from util.checkpoint import load_pretrained
-from util.datasets import build_dataset, eval_loader
 from util.distributed import is_main_process
 from util.errors import UserError
-from util.knn import check_same_classes, knn_evaluate, knn_ks
+from util.knn import knn_evaluate, knn_ks, knn_loaders
 from util.logger import log
-from util.transforms import eval_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,12 +63,10 @@ def main(args: argparse.Namespace) -> dict:
     load_pretrained(model, args.finetune, args.global_pool)
     model.to(device).eval()
 
-    transform = eval_transform(args.input_size, normalize=False)  # uint8, normalised on the device
-    datasets = [build_dataset(is_train, args, transform=transform) for is_train in (True, False)]
-    check_same_classes(*datasets)
-    loaders = [eval_loader(ds, args.batch_size, args.num_workers, args.pin_mem, dist_eval=True) for ds in datasets]
-    log(f"k-NN on {len(loaders[0].dataset)} training and {len(loaders[1].dataset)} validation images")
-    results = knn_evaluate(model, loaders[0], loaders[1], device, ks, args.temperature, args.amp)
+    train_loader, val_loader = knn_loaders(args.data_path, args.input_size, args.batch_size, args.num_workers,
+                                           args.pin_mem, strict=args.strict_data)
+    log(f"k-NN on {len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images")
+    results = knn_evaluate(model, train_loader, val_loader, device, ks, args.temperature, args.amp)
     if args.output_dir and is_main_process():
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps({"checkpoint": args.finetune, **{f"{k}nn_top1": r[0] for k, r in results.items()},

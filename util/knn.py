@@ -165,8 +165,8 @@ def knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: i
     """Sharded evaluation loaders of data_path/train (a fixed random subset of max_train images, if set) and
     data_path/val, resized and center-cropped, uint8."""
     if not os.path.isdir(os.path.join(data_path, "val")):
-        raise UserError(f"k-NN evaluation needs {os.path.join(data_path, 'val')}: point --knn_data_path at an "
-                        f"ImageFolder with train/ and val/")
+        raise UserError(f"k-NN evaluation needs {os.path.join(data_path, 'val')}: an ImageFolder with train/ and "
+                        f"val/ (--data_path of main_knn.py, --knn_data_path of main_pretrain.py)")
     where = argparse.Namespace(data_path=data_path, strict_data=strict)
     transform = eval_transform(input_size, normalize=False)
     train, val = (build_dataset(is_train, where, transform=transform) for is_train in (True, False))

@@ -9,7 +9,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
     start_time = time.time()
     end_epoch = args.epochs if getattr(args, "stop_epoch", None) is None else min(args.stop_epoch, args.epochs)
     sampler = data_loader_train.sampler
-    data = data_fingerprint(data_loader_train.dataset)
+    fingerprint: List[str] = []  # of the training set, hashed at the first mid-epoch save only
 
     with StopGuard(getattr(args, "save_every_minutes", None), getattr(args, "dist_timeout", 30)) as guard:
         def step_hook(epoch: int) -> AfterStep:
@@ -146,8 +146,10 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
                 if not (signum or due):
                     return
                 check_losses()  # never save a position reached through a NaN
+                if not fingerprint:
+                    fingerprint.append(data_fingerprint(data_loader_train.dataset))
                 save_position(args, epoch, step, model, model_without_ddp, optimizer, loss_scaler, sampler.order(),
-                              metric_logger.totals(), data)
+                              metric_logger.totals(), fingerprint[0])
                 guard.saved()
                 if signum:
                     guard.barrier()  # rank 0 has written the file before any rank exits
