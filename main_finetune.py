@@ -20,6 +20,7 @@ import util.perf as perf
 import util.runner as runner
 from util.checkpoint import load_pretrained
 from util.classification import classification_data, run_classification
+from util.dali import eval_aug, finetune_aug
 from util.errors import UserError
 from util.logger import log
 from util.precision import make_loss_scaler
@@ -94,9 +95,10 @@ def main(args: argparse.Namespace) -> dict:
                                     global_pool=args.global_pool, img_size=args.input_size, attn=args.attn,
                                     patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
+    dali_augs = (finetune_aug(args), eval_aug(args.input_size)) if args.data_loader == "dali" else None
     _, _, data_loader_train, data_loader_val = classification_data(
         # validation images leave the loader as uint8 and are normalised on the device (engine_finetune)
-        args, build_transform(True, args), eval_transform(args.input_size, normalize=False))
+        args, build_transform(True, args), eval_transform(args.input_size, normalize=False), device, dali_augs)
     mixup_fn = build_mixup(args)
 
     if args.finetune and not args.eval:

@@ -15,7 +15,8 @@ import util.cli as cli
 import util.perf as perf
 import util.runner as runner
 from engine_pretrain import train_one_epoch
-from util.datasets import build_dataset, train_loader
+from util.dali import make_train_loader, pretrain_aug
+from util.datasets import build_dataset
 from util.errors import UserError
 from util.knn import encoder_features, knn_evaluate, knn_loaders
 from util.logger import log
@@ -135,7 +136,9 @@ def main(args: argparse.Namespace) -> None:
     dataset_train = build_dataset(True, args, transform=pretrain_transform(args.input_size, normalize=False,
                                                                            aug=args.pretrain_aug))
     log(dataset_train)
-    data_loader_train = train_loader(dataset_train, args.batch_size, args.num_workers, args.pin_mem, args.seed)
+    dali_aug = pretrain_aug(args.input_size, args.pretrain_aug) if args.data_loader == "dali" else None
+    data_loader_train = make_train_loader(args.data_loader, dataset_train, dali_aug, args.batch_size, args.num_workers,
+                                          args.pin_mem, args.seed, device)
 
     model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("checkpoint", ["util.formats", "util.checkpoint", "util.resume", "util.preemption"]),
-    ("data", ["util.transforms", "util.datasets"]),
+    ("data", ["util.transforms", "util.datasets", "util.dali"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop", "util.knn"]),
     ("engines", ["engine_pretrain", "engine_finetune"]),
@@ -31,6 +31,9 @@ LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 LAZY_OK = {
     ("util.runner", "torch.utils.tensorboard"),  # slow to import, needed only when logging
     ("util.export", "transformers"),  # optional dependency, needed only for --format hf
+    # optional dependency (requirements-dali.txt), needed only for --data_loader dali
+    *(("util.dali", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
+                                 "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core", "nvidia.dali.plugin.pytorch")),
 }
 
 

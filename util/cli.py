@@ -131,6 +131,11 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                            "device and --amp)")
     ours.add_argument("--patch_embed", default="auto", choices=["auto", *PATCH_EMBED_IMPLS],
                       help="patch embedding as a convolution or as patchify + one matmul (auto: linear)")
+    if training:
+        ours.add_argument("--data_loader", default="torch", choices=["torch", "dali"],
+                          help="torch: DataLoader worker processes decode and augment with PIL; dali: NVIDIA DALI "
+                               "decodes JPEGs on the GPU (on the CPU with --device cpu) with --num_workers threads "
+                               "(pip install -r requirements-dali.txt)")
     ours.add_argument("--strict_data", action="store_true",
                       help="stop at the first unreadable image instead of skipping it with a warning")
     ours.add_argument("--dist_timeout", default=30, type=float, metavar="MIN",

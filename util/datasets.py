@@ -19,8 +19,8 @@ from util.errors import DataError, UserError
 from util.logger import log, warn
 from util.transforms import build_transform
 
-__all__ = ["ImageFolder", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform", "eval_loader",
-           "split_folder", "train_loader"]
+__all__ = ["ImageFolder", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform", "check_one_batch",
+           "eval_loader", "split_folder", "train_loader"]
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -149,12 +149,17 @@ def _loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: in
                       generator=None if keep_workers else torch.Generator().manual_seed(0))
 
 
+def check_one_batch(n_images: int, batch_size: int, world: int) -> None:
+    """A training set must fill at least one batch on every process (batches drop their remainder)."""
+    if n_images < batch_size * world:
+        raise UserError(f"the training set has {n_images} images, fewer than one batch "
+                        f"({batch_size} x {world} processes); lower --batch_size")
+
+
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bool, seed: int) -> DataLoader:
     """Shuffled (reshuffled per epoch by `set_epoch`), per-rank sharded, drop_last training loader."""
     world = get_world_size()
-    if len(dataset) < batch_size * world:
-        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch "
-                        f"({batch_size} x {world} processes); lower --batch_size")
+    check_one_batch(len(dataset), batch_size, world)
     sampler = ResumableSampler(dataset, num_replicas=world, rank=get_rank(), seed=seed)
     log("Sampler_train = %s" % str(sampler))
     return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=True)

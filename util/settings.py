@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import util.perf as perf
+from util.dali import require_dali
 from util.distributed import get_world_size, init_distributed_mode
 from util.errors import UserError
 from util.logger import log
@@ -27,6 +28,8 @@ def check_common_args(args: Any) -> None:
         raise UserError(f"--save_every_minutes must be more than 0, got {args.save_every_minutes}")
     if not args.data_path:
         raise UserError("--data_path is required: a folder with train/ (and val/) sub-folders of class folders")
+    if getattr(args, "data_loader", "torch") == "dali":
+        require_dali()
 
 
 def default_device() -> str:
