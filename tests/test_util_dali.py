@@ -1,0 +1,278 @@
+"""util/dali.py on DALI's CPU backend: the same files, labels, shards and order as the torch loaders, the
+crop statistics of torchvision's RandomResizedCrop, eval_transform's output, bad files, and tiny runs of
+the three entry points with --data_loader dali."""
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import SequentialSampler
+from torchvision import transforms
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import util.dali as dali
+from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
+from util.datasets import ImageFolder, ResumableSampler, ShardSampler, train_loader
+from util.errors import DataError, UserError
+from util.transforms import eval_transform
+
+# CI sets REQUIRE_DALI=1 and installs requirements-dali.txt: there a missing DALI fails instead of skipping
+pytestmark = pytest.mark.skipif(not dali.dali_available() and not os.environ.get("REQUIRE_DALI"),
+                                reason="NVIDIA DALI is not installed (pip install -r requirements-dali.txt)")
+CPU = torch.device("cpu")
+DALI = ["--data_loader", "dali", "--num_workers", "1"]
+
+
+def _smooth_folder(root, sizes=((80, 60), (60, 90), (70, 70)), classes=2, seed=0):
+    """root/train/<class>/<i>.png: smooth images (bicubic-upsampled 6x6 noise), so that resize kernels
+    differ by little and a crop's position matters."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = os.path.join(root, "train", f"class{c}")
+        os.makedirs(d, exist_ok=True)
+        for i, (w, h) in enumerate(sizes):
+            coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+            coarse.resize((w, h), Image.BICUBIC).save(os.path.join(d, f"{i}.png"))
+    return os.path.join(root, "train")
+
+
+def _batches(loader):
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------
+# files, labels, shards, order
+
+def test_files_labels_and_order_are_the_torch_loaders(cls_data):
+    dataset = ImageFolder(os.path.join(cls_data, "train"))
+    torch_loader = train_loader(dataset, 4, 0, False, seed=3)
+    loader = dali.dali_train_loader(dataset, dali.pretrain_aug(32), 4, 1, 3, CPU)
+    for epoch in (0, 1):
+        torch_loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
+        order = list(torch_loader.sampler)
+        files, labels = loader.files()
+        assert files == [dataset.samples[i][0] for i in order]
+        # the label of every file is torchvision's ImageFolder index of its (sorted) class folder
+        assert labels == [dataset.class_to_idx[os.path.basename(os.path.dirname(f))] for f in files]
+        assert dataset.class_to_idx == {"class0": 0, "class1": 1, "class2": 2}
+        _, got = _batches(loader)
+        assert got.tolist() == labels and len(loader) == 3
+
+
+def test_training_shards_are_disjoint_and_cover_the_set(cls_data):
+    dataset = ImageFolder(os.path.join(cls_data, "train"))
+    shards = []
+    for rank in (0, 1):
+        sampler = ResumableSampler(dataset, num_replicas=2, rank=rank, seed=0)
+        sampler.set_epoch(5)
+        shards.append(dali.DaliLoader(dataset, sampler, dali.pretrain_aug(32), 2, 1, CPU, 0, True).files()[0])
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(p for p, _ in dataset.samples)
+
+
+def test_validation_counts_every_image_once_also_sharded(cls_data):
+    dataset = ImageFolder(os.path.join(cls_data, "val"))  # 7 images
+    seen = []
+    for rank in (0, 1):
+        loader = dali.DaliLoader(dataset, ShardSampler(dataset, 2, rank), dali.eval_aug(32), 3, 1, CPU, 0, False)
+        images, labels = _batches(loader)
+        assert len(images) == len(labels) == len(loader.files()[0]) == (4 if rank == 0 else 3)
+        seen += loader.files()[0]
+    assert sorted(seen) == sorted(p for p, _ in dataset.samples)
+
+
+def test_same_seed_and_epoch_same_batches_another_epoch_differs(cls_data):
+    dataset = ImageFolder(os.path.join(cls_data, "train"))
+
+    def epoch(e, seed=0):
+        loader = dali.dali_train_loader(dataset, dali.pretrain_aug(32), 4, 2, seed, CPU)
+        loader.sampler.set_epoch(e)
+        return loader.files()[0], _batches(loader)[0]
+
+    files0, images0 = epoch(0)
+    files0b, images0b = epoch(0)
+    files1, images1 = epoch(1)
+    assert files0 == files0b and torch.equal(images0, images0b)  # bitwise on the CPU backend
+    assert files1 != files0 and not torch.equal(images1, images0)
+
+
+# ----------------------------------------------------------------------------
+# what the pipelines compute
+
+def _ramp_png(path, w=256, h=192):
+    """R = x, G = y: the crop window can be read back from the output's values."""
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).astype(np.uint8)).save(path)
+
+
+def test_crop_area_and_aspect_match_torchvision_random_resized_crop(tmp_path):
+    _ramp_png(tmp_path / "ramp.png")
+    n, size = 400, 64
+    factory = dali.PipelineFactory(dali.pretrain_aug(size), 100, 2, None)
+    pipe = factory.build([str(tmp_path / "ramp.png")] * n, [0] * n, seed=1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    out = []
+    for _ in range(n // 100):
+        images = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
+        out.append(((images * std + mean) * 255).double())  # back to 0-255 values
+    pixels = torch.cat(out)
+    # bicubic reproduces a linear ramp away from the borders: the output's slope is crop size / output size
+    rx = pixels[:, 0].mean(1)  # [N, W] (R over the columns)
+    gy = pixels[:, 1].mean(2)  # [N, H] (G over the rows)
+    w = (rx[:, 48] - rx[:, 16]).abs() / 32 * size
+    h = (gy[:, 48] - gy[:, 16]).abs() / 32 * size
+    flipped = (rx[:, 48] < rx[:, 16]).double().mean()
+    area, log_aspect = (w * h / (256 * 192)).numpy(), torch.log(w / h).numpy()
+
+    crop = transforms.RandomResizedCrop(size, scale=(0.2, 1.0))
+    img = Image.new("RGB", (256, 192))
+    torch.manual_seed(0)
+    ref = np.array([crop.get_params(img, crop.scale, crop.ratio)[2:] for _ in range(4000)], dtype=np.float64)
+    ref_area, ref_log_aspect = ref[:, 0] * ref[:, 1] / (256 * 192), np.log(ref[:, 1] / ref[:, 0])
+
+    def ks(a, b):
+        grid = np.sort(np.concatenate([a, b]))
+        return np.abs(np.searchsorted(np.sort(a), grid, "right") / len(a)
+                      - np.searchsorted(np.sort(b), grid, "right") / len(b)).max()
+
+    # two-sample Kolmogorov-Smirnov at alpha = 0.001 for 400 vs 4000 draws: 1.95 * sqrt((n + m) / (n m)) = 0.102;
+    # the read-back (uint8 values over 32 output pixels) adds under 1% to a window's size
+    bound = 1.95 * np.sqrt((400 + 4000) / (400 * 4000))
+    assert ks(area, ref_area) < bound
+    assert ks(log_aspect, ref_log_aspect) < bound
+    # the flip is a fair coin: 4.4 standard deviations of a mean of 400 coin flips is 0.11
+    assert abs(float(flipped) - 0.5) < 0.11
+
+
+def test_validation_output_matches_eval_transform(tmp_path):
+    root = _smooth_folder(tmp_path / "smooth")
+    dataset = ImageFolder(root)
+    loader = dali.DaliLoader(dataset, SequentialSampler(dataset), dali.eval_aug(32), 4, 1, CPU, 0, False)
+    images, labels = _batches(loader)
+    assert labels.tolist() == [t for _, t in dataset.samples]
+    reference = torch.stack([eval_transform(32)(Image.open(p).convert("RGB")) for p, _ in dataset.samples])
+    # the tolerance is what two correct antialiased bicubic resizes differ by: PIL's (eval_transform) against
+    # torch's tensor resize of the same images, with the same centre crop
+    other = torch.stack([transforms.Compose([
+        transforms.PILToTensor(), transforms.ConvertImageDtype(torch.float32),
+        transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(32), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])(Image.open(p).convert("RGB")) for p, _ in dataset.samples])
+    kernels = (other - reference).abs().mean().item()
+    assert 0 < kernels < 0.05
+    assert (images - reference).abs().mean().item() < 2 * kernels
+    assert (images - reference).abs().max().item() < 0.5  # about 29 levels of 255: no shifted crop
+
+
+def test_random_erasing_rectangle_and_noise(tmp_path):
+    # uniform grey images, no RandAugment, erasing always: the noise pixels form one rectangle of 2-33% of the
+    # image with values N(0, 1) (the grey is a constant after normalisation)
+    Image.new("RGB", (48, 48), (124, 116, 104)).save(tmp_path / "grey.png")
+    aug = dali.DaliAug(32, True, scale=(1.0, 1.0), ratio=(1.0, 1.0), reprob=1.0)
+    pipe = dali.PipelineFactory(aug, 64, 1, None).build([str(tmp_path / "grey.png")] * 64, [0] * 64, seed=0)
+    images = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
+    grey = images[:, :, 0, 0].median(0).values.view(1, 3, 1, 1)
+    erased = (images - grey).abs().amax(1) > 1e-3  # [N, H, W]
+    frac = erased.double().mean((1, 2))
+    assert (frac > 0.01).all() and (frac < 0.36).all()
+    rows, cols = erased.any(2), erased.any(1)
+    assert torch.equal(erased.sum((1, 2)), rows.sum(1) * cols.sum(1))  # a rectangle
+    noise = (images - grey)[erased.unsqueeze(1).expand_as(images)]
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+
+
+def test_rand_augment_strings():
+    assert dali.parse_rand_augment("rand-m9-mstd0.5-inc1") == (2, 9, 0.5)
+    assert dali.parse_rand_augment("rand-n3-m7-inc1") == (3, 7, 0.0)
+    for bad in ("v0", "rand-m9-mstd0.5", "rand-m9-mstd0.5-inc1-p0.3", "augmix-m5"):
+        with pytest.raises(UserError, match="--data_loader torch"):
+            dali.parse_rand_augment(bad)
+    args = argparse.Namespace(input_size=32, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25,
+                              remode="rand", recount=1)
+    with pytest.raises(UserError, match="--remode rand"):
+        dali.finetune_aug(args)
+    with pytest.raises(UserError, match="crop_rand_color"):
+        dali.pretrain_aug(32, "crop_rand_color")
+
+
+def test_substitutes_follow_image_folder_load():
+    assert dali.substitutes(5, [1, 2]).tolist() == [0, 3, 3, 3, 4]
+    assert dali.substitutes(4, [3]).tolist() == [0, 1, 2, 0]
+
+
+# ----------------------------------------------------------------------------
+# bad files, errors, entry points
+
+def test_corrupt_and_truncated_jpegs_are_skipped_or_stop_under_strict(tmp_path, capsys):
+    root = _smooth_folder(tmp_path / "d", sizes=((64, 48),) * 4, classes=1)
+    good = os.path.join(root, "class0", "good.jpg")
+    Image.open(os.path.join(root, "class0", "0.png")).save(good, quality=90)
+    with open(good, "rb") as f:
+        data = f.read()
+    with open(os.path.join(root, "class0", "cut.jpg"), "wb") as f:
+        f.write(data[:len(data) // 2])
+    with open(os.path.join(root, "class0", "junk.jpg"), "wb") as f:
+        f.write(b"not an image at all")
+    dataset = ImageFolder(root)
+    loader = dali.dali_train_loader(dataset, dali.pretrain_aug(32), 2, 1, 0, CPU)
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "cut.jpg" in err and "junk.jpg" in err
+    assert dataset.skipped == 2 and "good.jpg" not in err
+    loader.sampler.set_epoch(0)
+    files, _ = loader.files()
+    assert len(files) == 6 and not any(f.endswith(("cut.jpg", "junk.jpg")) for f in files)
+    assert len(_batches(loader)[0]) == 6
+
+    with pytest.raises(DataError, match="cannot read image .*(cut|junk).jpg.*--strict_data"):
+        dali.dali_train_loader(ImageFolder(root, strict=True), dali.pretrain_aug(32), 2, 1, 0, CPU)
+
+
+def test_strict_data_stops_the_entry_point(tmp_path, cls_data):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(cls_data, data)
+    (data / "train" / "class0" / "bad.png").write_bytes(b"\x89PNG broken")
+    proc = run_entry(main_pretrain, *TINY_PRETRAIN, *DALI, "--data_path", data, "--epochs", "1", "--output_dir", "",
+                     "--log_dir", "", "--strict_data", check=False)
+    assert proc.returncode == 2
+    assert "error: cannot read image" in proc.stderr and "bad.png" in proc.stderr
+
+
+def test_missing_dali_is_one_line_naming_the_install(monkeypatch, cls_data):
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    proc = run_entry(main_pretrain, *TINY_PRETRAIN, *DALI, "--data_path", cls_data, "--output_dir", "", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install nvidia-dali-cuda" in lines[0] and "--data_loader torch" in lines[0]
+
+
+def test_pretraining_resumes_at_the_epoch_boundary_bitwise(tmp_path, cls_data):
+    common = [*TINY_PRETRAIN, *DALI, "--data_path", cls_data, "--epochs", "2", "--log_dir", ""]
+    run_entry(main_pretrain, *common, "--output_dir", tmp_path / "full")
+    run_entry(main_pretrain, *common, "--output_dir", tmp_path / "cut", "--stop_epoch", "1")
+    assert not (tmp_path / "cut" / "checkpoint-1.pth").exists()
+    run_entry(main_pretrain, *common, "--output_dir", tmp_path / "cut")
+    full, cut = load(tmp_path / "full" / "checkpoint-1.pth"), load(tmp_path / "cut" / "checkpoint-1.pth")
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+    assert read_log(tmp_path / "full") == read_log(tmp_path / "cut")
+    assert full["args"]["data_loader"] == "dali"
+
+
+def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
+    common = [*TINY_CLS, *DALI, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1", "--log_dir", "",
+              "--finetune", pretrained]
+    run_entry(main_linprobe, *common, "--output_dir", tmp_path / "lp")
+    run_entry(main_finetune, *common, "--output_dir", tmp_path / "ft", "--mixup", "0.8", "--dist_eval")
+    for out in ("lp", "ft"):
+        (row,) = read_log(tmp_path / out)
+        assert np.isfinite(row["train_loss"]) and 0 <= row["test_acc1"] <= 100
+        # 7 validation images: accuracy is a multiple of 1/7
+        assert abs(row["test_acc1"] * 7 / 100 - round(row["test_acc1"] * 7 / 100)) < 1e-6
