@@ -8,11 +8,16 @@ configuration (fp32 on CPU / fp16 + grad scaler on CUDA, default AdamW, a host s
 convolutional patch embedding, explicit attention); `--compare` runs the baseline and the defaults of
 the training scripts one after the other and prints the ratio.
 
-    python benchmark.py --mode data --num_workers 10 --batch_size 256
+    python benchmark.py --mode data --num_workers 10 --batch_size 256 --data_loader torch dali
 
 measures the input pipeline instead: JPEG decoding and the training augmentation through the training
-DataLoader, on `--data_path` (an ImageFolder root with train/) or on generated ImageNet-sized JPEGs, to
-compare with the model's img/s.
+loader (torch's DataLoader or DALI's), on `--data_path` (an ImageFolder root with train/) or on generated
+ImageNet-sized JPEGs, to compare with the model's img/s.
+
+    python benchmark.py --mode e2e --batch_size 256 --amp bf16 --data_loader torch dali
+
+runs the real training step fed by the real loader(s) and prints each rate next to the synthetic-data
+rate of the same model, batch and precision, measured in the same run.
 """
 import argparse
 import gc
@@ -24,7 +29,7 @@ import sys
 import tempfile
 import time
 from multiprocessing import Pool
-from typing import Dict
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,11 +38,12 @@ from PIL import Image
 import models_mae
 import models_vit
 import util.perf as perf
+import util.dali as dali
 from util.datasets import ImageFolder, train_loader
 from util.errors import UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
 from util.precision import NativeScalerWithGradNormCount, autocast, cpu_has_native_bf16, resolve_amp
-from util.transforms import build_transform, pretrain_transform
+from util.transforms import build_transform, normalize_images, pretrain_transform
 
 
 # ----------------------------------------------------------------------------
@@ -122,8 +128,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
-    """Time `args.steps` training steps of one configuration; return its numbers."""
+def run(args: argparse.Namespace, baseline: bool, batches: Optional[Iterator] = None) -> Dict[str, float]:
+    """Time `args.steps` training steps of one configuration; return its numbers.
+
+    batches: an endless stream of (images, labels) from a training loader (images normalised on the
+    device here when uint8), as the engines take them; None for one synthetic batch on the device.
+    """
     device = torch.device(args.device)
     torch.manual_seed(0)
     if baseline:
@@ -154,6 +164,11 @@ def run(args: argparse.Namespace, baseline: bool) -> Dict[str, float]:
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
     def step() -> torch.Tensor:
+        nonlocal x, y
+        if batches is not None:
+            images, labels = next(batches)
+            x = normalize_images(images.to(device, non_blocking=True))
+            y = labels.to(device, non_blocking=True)
         with autocast(device, amp):
             if args.mode == "pretrain":
                 loss = step_fn(x, mask_ratio=args.mask_ratio)[0]
@@ -212,60 +227,129 @@ def make_jpeg_folder(root: str, images: int, classes: int = 10) -> str:
     return root
 
 
-def data_throughput(args: argparse.Namespace) -> Dict[str, float]:
-    """Images/s delivered by the training DataLoader (decode + augmentation + collate)."""
-    if args.transform == "pretrain":  # as main_pretrain.py: uint8 out, normalised on the device
-        transform = pretrain_transform(args.input_size, normalize=False)
-    elif args.transform == "pretrain-float":  # as the reference: normalised floats out of the workers
-        transform = pretrain_transform(args.input_size)
-    else:  # the fine-tuning defaults: RandAugment, random erasing
-        transform = build_transform(True, argparse.Namespace(
-            input_size=args.input_size, color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
-            remode="pixel", recount=1))
-    dataset = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
-    loader = train_loader(dataset, args.batch_size, args.num_workers, pin_mem=True, seed=0)
+FINETUNE_DEFAULTS = dict(color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1)
+
+
+def loader_stream(args: argparse.Namespace, kind: str) -> Tuple[Iterator, Dict[str, float]]:
+    """An endless stream of training batches from the `kind` loader ('torch' or 'dali') over
+    args.data_path/train with the --transform's augmentation; and facts about it (images, set-up seconds)."""
+    root = os.path.join(args.data_path, "train")
+    start = time.perf_counter()
+    if kind == "dali":
+        dataset = ImageFolder(root)
+        aug = dali.finetune_aug(argparse.Namespace(input_size=args.input_size, **FINETUNE_DEFAULTS)) \
+            if args.transform == "finetune" else dali.pretrain_aug(args.input_size)
+        # checks every file first (util/dali.py): part of the set-up time
+        loader = dali.dali_train_loader(dataset, aug, args.batch_size, args.num_workers, 0, torch.device(args.device))
+    else:
+        if args.transform == "pretrain":  # as main_pretrain.py: uint8 out, normalised on the device
+            transform = pretrain_transform(args.input_size, normalize=False)
+        elif args.transform == "pretrain-float":  # as the reference: normalised floats out of the workers
+            transform = pretrain_transform(args.input_size)
+        else:  # the fine-tuning defaults: RandAugment, random erasing
+            transform = build_transform(True, argparse.Namespace(input_size=args.input_size, **FINETUNE_DEFAULTS))
+        dataset = ImageFolder(root, transform=transform)
+        loader = train_loader(dataset, args.batch_size, args.num_workers, pin_mem=True, seed=0)
+    setup_s = time.perf_counter() - start
 
     def batches():
         for epoch in itertools.count():
             loader.sampler.set_epoch(epoch)
             yield from loader
 
-    stream = batches()
-    for _ in range(args.warmup):  # worker start-up
+    return batches(), {"images": len(dataset), "setup_s": setup_s}
+
+
+def data_throughput(args: argparse.Namespace, kind: str = "torch") -> Dict[str, float]:
+    """Images/s delivered by the training loader (decode + augmentation + collate), torch's or DALI's."""
+    stream, info = loader_stream(args, kind)
+    device = torch.device(args.device)
+    for _ in range(args.warmup):  # worker start-up, pipeline definition
         next(stream)
+    sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         next(stream)
+    sync(device)
     img_s = args.batch_size * args.steps / (time.perf_counter() - start)
-    return {"img_s": img_s, "img_s_per_worker": img_s / max(1, args.num_workers), "images": len(dataset)}
+    return {"loader": kind, "img_s": img_s, "img_s_per_worker": img_s / max(1, args.num_workers), **info}
+
+
+def with_jpeg_folder(args: argparse.Namespace, body) -> Tuple[str, object]:
+    """body(args) on --data_path, or on --data_images generated JPEGs in a temporary folder."""
+    if args.data_path is not None:
+        return args.data_path, body(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_jpeg_folder(tmp, args.data_images)
+        return f"{args.data_images} generated 500x375 JPEGs", body(argparse.Namespace(**{**vars(args),
+                                                                                        "data_path": folder}))
+
+
+def _ratio_line(results: List[Dict[str, float]]) -> Optional[str]:
+    rates = {r["loader"]: r["img_s"] for r in results}
+    if "torch" in rates and "dali" in rates:
+        return f"dali / torch: {rates['dali'] / rates['torch']:.2f}x"
+    return None
 
 
 def main_data(args: argparse.Namespace) -> int:
-    source = args.data_path or f"{args.data_images} generated 500x375 JPEGs"
     try:
-        if args.data_path is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                r = data_throughput(argparse.Namespace(**{**vars(args), "data_path": make_jpeg_folder(
-                    tmp, args.data_images)}))
-        else:
-            r = data_throughput(args)
+        source, results = with_jpeg_folder(args, lambda a: [data_throughput(a, k) for k in args.data_loader])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     print(f"input pipeline: {source}, {args.transform} transform, {args.input_size}px, "
-          f"batch {args.batch_size}, {args.num_workers} workers")
-    print(f"    data: {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per worker)")
+          f"batch {args.batch_size}, {args.num_workers} workers (dali: threads), device {args.device}")
+    for r in results:
+        print(f"  {r['loader']:>5}: {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per worker), "
+              f"set-up {r['setup_s']:.2f} s for {r['images']} images")
+    if _ratio_line(results):
+        print(f"  {_ratio_line(results)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "source": source, "results": [r]}, f, indent=2)
+            json.dump({"args": vars(args), "source": source, "results": results}, f, indent=2)
+    return 0
+
+
+def main_e2e(args: argparse.Namespace) -> int:
+    """The training step fed by the real loader(s), next to the synthetic-data rate of the same step."""
+    args.mode = "finetune" if args.transform == "finetune" else "pretrain"  # the step that takes these images
+    if args.model is None:
+        args.model = "mae_vit_base_patch16" if args.mode == "pretrain" else "vit_base_patch16"
+
+    def body(a: argparse.Namespace) -> List[Dict[str, float]]:
+        results = [{"loader": "synthetic", **run(a, baseline=False)}]
+        for kind in a.data_loader:
+            stream, info = loader_stream(a, kind)
+            results.append({"loader": kind, **run(a, baseline=False, batches=stream), **info})
+        return results
+
+    try:
+        source, results = with_jpeg_folder(args, body)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    synthetic = results[0]["img_s"]
+    name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
+    print(f"end to end: {name}, {args.mode} {args.model}, batch {args.batch_size}, {args.input_size}px, "
+          f"amp {results[0]['amp']}, compile {results[0]['compile']}; {source}, {args.transform} transform, "
+          f"{args.num_workers} workers (dali: threads), {os.cpu_count()} cores")
+    for r in results:
+        print(f"  {r['loader']:>9}: {r['img_s']:8.1f} img/s, {r['img_s'] / synthetic:6.1%} of synthetic")
+    if _ratio_line(results[1:]):
+        print(f"  {_ratio_line(results[1:])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": name, "source": source, "results": results}, f, indent=2)
     return 0
 
 
 def main(argv=None) -> int:
     """Run the benchmark the command line (or `argv`) asks for; return the exit code."""
     parser = argparse.ArgumentParser("MAE / ViT training-step benchmark")
-    parser.add_argument("--mode", choices=["pretrain", "finetune", "data"], default="pretrain",
-                        help="time a training step, or (data) the input pipeline")
+    parser.add_argument("--mode", choices=["pretrain", "finetune", "data", "e2e"], default="pretrain",
+                        help="time a training step on synthetic data, (data) the input pipeline, or (e2e) the "
+                             "training step fed by the input pipeline next to its synthetic-data rate")
     parser.add_argument("--model", default=None, help="default: mae_vit_base_patch16 / vit_base_patch16")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--input_size", type=int, default=224)
@@ -291,10 +375,19 @@ def main(argv=None) -> int:
     parser.add_argument("--data_images", type=int, default=1024)
     parser.add_argument("--num_workers", type=int, default=10, help="data mode: DataLoader workers")
     parser.add_argument("--transform", choices=["pretrain", "pretrain-float", "finetune"], default="pretrain",
-                        help="data mode: the augmentation to time (pretrain-float: the reference's float output)")
+                        help="data / e2e mode: the augmentation to time (pretrain-float: the reference's float "
+                             "output); e2e times MAE pre-training for pretrain, ViT fine-tuning for finetune")
+    parser.add_argument("--data_loader", nargs="+", choices=dali.LOADERS, default=["torch"],
+                        help="data / e2e mode: the loader(s) to time, one after the other in this process "
+                             "(dali: NVIDIA DALI with --num_workers threads)")
     args = parser.parse_args(argv)
-    if args.mode == "data":
-        return main_data(args)
+    if args.mode in ("data", "e2e"):
+        if "dali" in args.data_loader and not dali.dali_available():
+            print(f"error: --data_loader dali needs NVIDIA DALI: {dali.install_command()}", file=sys.stderr)
+            return 2
+        if args.compile is None:
+            args.compile = args.device.startswith("cuda")
+        return main_data(args) if args.mode == "data" else main_e2e(args)
     if args.model is None:
         args.model = "mae_vit_base_patch16" if args.mode == "pretrain" else "vit_base_patch16"
     device = torch.device(args.device)

@@ -1,5 +1,6 @@
 """benchmark.py: the analytic FLOP count, the step benchmark and the input-pipeline benchmark."""
 import json
+import os
 
 import pytest
 import torch
@@ -86,3 +87,19 @@ def test_generated_jpegs_are_imagenet_sized(tmp_path):
     assert len(files) == 3 and root == str(tmp_path)
     with Image.open(files[0]) as img:
         assert (img.format, img.size) == ("JPEG", (500, 375))
+
+
+def test_e2e_mode_feeds_the_training_step_from_both_loaders(tmp_path, capsys):
+    import util.dali as dali
+
+    loaders = ["torch", "dali"] if dali.dali_available() or os.environ.get("REQUIRE_DALI") else ["torch"]
+    out = tmp_path / "e2e.json"
+    code, stdout, _ = _run(["--mode", "e2e", "--device", "cpu", "--model", "mae_vit_tiny_patch16", "--input_size", 32,
+                            "--data_images", 8, "--batch_size", 4, "--num_workers", 1, "--steps", 2, "--warmup", 1,
+                            "--data_loader", *loaders, "--json", out], capsys)
+    assert code == 0 and "of synthetic" in stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["loader"] for r in results] == ["synthetic", *loaders]
+    # the same model, batch and precision as the synthetic row, fed from 8 JPEGs
+    assert all(r["img_s"] > 0 and r["amp"] == results[0]["amp"] for r in results)
+    assert all(r["images"] == 8 for r in results[1:])
