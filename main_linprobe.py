@@ -18,7 +18,7 @@ from util.classification import classification_data, run_classification
 from util.lars import LARS
 from util.logger import log
 from util.precision import make_loss_scaler
-from util.transforms import linprobe_transform
+from util.transforms import LINPROBE_SCALE, crop_scale, linprobe_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> dict:
     runner.check_input_size(args.input_size, model)
     _, _, data_loader_train, data_loader_val = classification_data(
         # uint8 out of the loaders, normalised on the device (engine_finetune): same numbers, faster loading
-        args, linprobe_transform(True, args.input_size, normalize=False),
+        args, linprobe_transform(True, args.input_size, normalize=False, hflip=args.hflip,
+                                 scale=crop_scale(args, LINPROBE_SCALE)),
         linprobe_transform(False, args.input_size, normalize=False))
 
     if args.finetune and not args.eval:

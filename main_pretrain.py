@@ -22,7 +22,7 @@ from util.logger import log
 from util.precision import make_loss_scaler
 from util.resume import restore
 from util.masking import MASK_TYPES, check_mask_type
-from util.transforms import PRETRAIN_AUGS, eval_transform, pretrain_transform
+from util.transforms import PRETRAIN_AUGS, PRETRAIN_SCALE, crop_scale, eval_transform, pretrain_transform
 from util.visualize import reconstruct, to_uint8
 
 
@@ -132,8 +132,9 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--mask_type {args.mask_type}: {e}") from None
 
     # uint8 out of the loader, normalised on the device (engine_pretrain): same numbers, faster loading
-    dataset_train = build_dataset(True, args, transform=pretrain_transform(args.input_size, normalize=False,
-                                                                           aug=args.pretrain_aug))
+    dataset_train = build_dataset(True, args, transform=pretrain_transform(
+        args.input_size, normalize=False, aug=args.pretrain_aug, hflip=args.hflip,
+        scale=crop_scale(args, PRETRAIN_SCALE)))
     log(dataset_train)
     data_loader_train = train_loader(dataset_train, args.batch_size, args.num_workers, args.pin_mem, args.seed)
 

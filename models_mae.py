@@ -263,6 +263,22 @@ def mae_vit_tiny_patch16_dec128d4b(**kwargs) -> MaskedAutoencoderViT:
                        decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4), kwargs)
 
 
+@register(MODELS, "mae_vit_micro_patch4")
+def mae_vit_micro_patch4_dec64d2b(**kwargs) -> MaskedAutoencoderViT:
+    """For 32-px images (an 8x8 grid): encoder 96 wide, 6 deep, 3 heads, 4-px patches; decoder 64 wide, 2
+    deep, 4 heads. Small enough to pre-train on a laptop CPU (the quickstart)."""
+    return _build(dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+                       decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4), kwargs)
+
+
+@register(MODELS, "mae_vit_tiny_patch4")
+def mae_vit_tiny_patch4_dec128d4b(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-Ti/4 for 32-px images (an 8x8 grid, e.g. CIFAR): encoder 192 wide, 12 deep, 3 heads; decoder 128
+    wide, 4 deep, 4 heads."""
+    return _build(dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+                       decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4), kwargs)
+
+
 @register(MODELS, "mae_vit_small_patch16")
 def mae_vit_small_patch16_dec256d4b(**kwargs) -> MaskedAutoencoderViT:
     """ViT-S/16 encoder (384 wide, 12 deep, 6 heads), decoder 256 wide, 4 deep, 8 heads."""

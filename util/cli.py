@@ -137,6 +137,12 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                       help="minutes a process waits for the others before the job fails")
     if not training:
         return
+    ours.add_argument("--hflip", default=0.5, type=float, metavar="P",
+                      help="probability of a horizontal flip in the training augmentation (0 for data whose "
+                           "orientation matters, such as digits or text)")
+    ours.add_argument("--crop_scale", default=None, type=float, nargs=2, metavar=("MIN", "MAX"),
+                      help="area range of the training random-resized crop (default: the stage's own, 0.2 1 "
+                           "for pre-training, 0.08 1 for fine-tuning and linear probing)")
     ours.add_argument("--compile", action="store_true", default=None,
                       help="torch.compile the model (default: on for CUDA, off for CPU)")
     ours.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")

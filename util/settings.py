@@ -25,6 +25,11 @@ def check_common_args(args: Any) -> None:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.save_every_minutes is not None and args.save_every_minutes <= 0:
         raise UserError(f"--save_every_minutes must be more than 0, got {args.save_every_minutes}")
+    if not 0 <= getattr(args, "hflip", 0.5) <= 1:
+        raise UserError(f"--hflip is a probability, from 0 to 1, got {args.hflip}")
+    scale = getattr(args, "crop_scale", None)
+    if scale and not 0 < scale[0] <= scale[1] <= 1:
+        raise UserError(f"--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1, got {scale[0]} {scale[1]}")
     if not args.data_path:
         raise UserError("--data_path is required: a folder with train/ (and val/) sub-folders of class folders")
 
