@@ -12,7 +12,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 import main_finetune
 import main_pretrain
 from conftest import make_image_folder
-from helpers import ROOT, TINY_CLS, TINY_PRETRAIN, free_port, load, read_log, run_entry, run_torchrun, trained_optimizer, tiny_net
+from helpers import (ROOT, TINY_CLS, TINY_PRETRAIN, free_port, load, read_log, run_entry, run_torchrun, tiny_net,
+                     trained_optimizer)
 from util.sharding import optimizer_state_to_ids, optimizer_state_to_names
 
 
@@ -76,15 +77,17 @@ def test_two_process_fsdp_equals_ddp_accumulation_and_resume(tmp_path):
     assert not torch.equal(ddp["blocks.0.attn.qkv.weight"], r["resumed"]["blocks.0.attn.qkv.weight"])
     # Same weights and batches: the first loss is bitwise the same; later ones differ only by float summation
     # order (reduce-scatter of shards vs all-reduce of buckets, the clipping norm summed over shards) at the
-    # 1e-7 level. AdamW divides by sqrt(v), so elements whose gradient is near zero can move by a noticeable
-    # fraction of their lr-sized step: the weights are compared to 2e-5, 1% of lr x steps (3e-3). A missing
-    # or doubled reduction, a wrong clipping norm or a skipped micro-step moves weights by ~1e-3.
+    # 1e-7 level. AdamW divides by sqrt(v), so the rare elements whose gradient is near zero can move by a
+    # noticeable fraction of their lr-sized step (measured: at most 1.2e-5, in 0.05% of the elements; all
+    # others equal to 1e-6). So: every element within 1e-4 (3% of lr x steps = 3e-3) and 99.9% within 1e-6.
+    # A missing or doubled reduction, a wrong clipping norm or a lost micro-step moves most weights by ~1e-4
+    # to 1e-3.
     for name in ("fsdp", "fsdp_accum", "fsdp_ckpt"):
         losses = r[f"losses_{name}"]
         assert losses[0] == r["losses_ddp"][0], name
         assert losses == pytest.approx(r["losses_ddp"], rel=1e-6), name
-        for k in ddp:
-            torch.testing.assert_close(r[f"weights_{name}"][k], ddp[k], rtol=0, atol=2e-5, msg=f"{name} {k}")
+        diff = torch.cat([(r[f"weights_{name}"][k] - ddp[k]).abs().flatten() for k in ddp])
+        assert diff.max() <= 1e-4 and (diff > 1e-6).float().mean() < 1e-3, (name, diff.max())
     for k in ddp:  # activation checkpointing under FSDP changes nothing at all
         assert torch.equal(r["weights_fsdp_ckpt"][k], r["weights_fsdp"][k]), k
     assert r["grad_norm_fsdp"] == pytest.approx(r["grad_norm_ddp"], rel=1e-6) and r["grad_norm_ddp"] > 0.5  # clips
