@@ -97,6 +97,12 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
     return _build(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
 
 
+@register(MODELS)
+def vit_giant_patch14(**kwargs) -> VisionTransformer:
+    """ViT-g/14: width 1408, depth 40, 16 heads, MLP 6144 (ratio 48/11)."""
+    return _build(dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11), kwargs)
+
+
 def create_model(name: str, **kwargs) -> VisionTransformer:
     """Build a registered ViT by name; unknown names raise an error listing the choices."""
     return lookup(MODELS, name, "ViT")(**kwargs)

@@ -158,6 +158,18 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                            "kill loses at most M minutes (default: off; a stop signal always saves the position)")
 
 
+def add_scaling_args(group: Any) -> None:
+    """--fsdp and --grad_checkpointing (pre-training and fine-tuning), into the 'ours' group."""
+    group.add_argument("--fsdp", action="store_true",
+                       help="shard parameters, gradients and AdamW state over the processes (PyTorch FSDP2: each "
+                            "block, then the model) instead of replicating them with DDP; checkpoints stay single "
+                            "full files. Runs in one process too (sharding nothing). Needs --amp bf16 or none "
+                            "(default on CUDA: bf16)")
+    group.add_argument("--grad_checkpointing", action="store_true",
+                       help="activation checkpointing: keep only each transformer block's input and recompute the "
+                            "rest in the backward pass (less memory, about a third more compute, same results)")
+
+
 def add_classification_args(g: Groups, *, global_pool: bool) -> None:
     """Flags fine-tuning and linear probing share (reference names and defaults), into the
     'classification' group (name it in add_common_args' extra_groups)."""
