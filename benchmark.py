@@ -8,6 +8,12 @@ configuration (fp32 on CPU / fp16 + grad scaler on CUDA, default AdamW, a host s
 convolutional patch embedding, explicit attention); `--compare` runs the baseline and the defaults of
 the training scripts one after the other and prints the ratio.
 
+    torchrun --nproc_per_node 8 benchmark.py --model mae_vit_giant_patch14 --batch_size 64 --fsdp --grad_checkpointing
+
+shards the model with FSDP2 (`--fsdp`, also in one process) and/or recomputes activations per block
+(`--grad_checkpointing`), and reports every process's peak memory and the bytes of parameters, gradients and
+AdamW state it holds (its shards), for memory planning.
+
     python benchmark.py --mode data --num_workers 10 --batch_size 256 --data_loader torch dali
 
 measures the input pipeline instead: JPEG decoding and the training augmentation through the training
@@ -40,9 +46,12 @@ import models_vit
 import util.perf as perf
 import util.dali as dali
 from util.datasets import ImageFolder, train_loader
+from util.distributed import (all_gather_objects, destroy_process_group, get_world_size, init_distributed_mode, init_single_process_group,
+                              is_main_process)
 from util.errors import UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
 from util.precision import NativeScalerWithGradNormCount, autocast, cpu_has_native_bf16, resolve_amp
+from util.sharding import local_state_bytes, shard_model
 from util.transforms import build_transform, normalize_images, pretrain_transform
 
 
@@ -55,6 +64,12 @@ def _block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
     return linear + attention
 
 
+def _mlp_ratio(blocks) -> float:
+    """Hidden / width of the blocks' MLP (4, or 48/11 for ViT-g)."""
+    fc1 = blocks[0].mlp.fc1
+    return fc1.out_features / fc1.in_features
+
+
 def mae_flops(model: models_mae.MaskedAutoencoderViT, mask_ratio: float) -> float:
     """Patch embedding on all patches, encoder on visible + cls, decoder on all tokens + cls."""
     L = model.patch_embed.num_patches
@@ -63,9 +78,9 @@ def mae_flops(model: models_mae.MaskedAutoencoderViT, mask_ratio: float) -> floa
     Dd = model.decoder_pos_embed.shape[-1]
     patch_dim = model.patch_embed.proj.weight[0].numel()
     flops = 2 * L * patch_dim * D
-    flops += len(model.blocks) * _block_flops(1 + keep, D)
+    flops += len(model.blocks) * _block_flops(1 + keep, D, _mlp_ratio(model.blocks))
     flops += 2 * (1 + keep) * D * Dd
-    flops += len(model.decoder_blocks) * _block_flops(1 + L, Dd)
+    flops += len(model.decoder_blocks) * _block_flops(1 + L, Dd, _mlp_ratio(model.decoder_blocks))
     flops += 2 * (1 + L) * Dd * model.decoder_pred.out_features
     return flops
 
@@ -74,7 +89,8 @@ def vit_flops(model: models_vit.VisionTransformer) -> float:
     L = model.patch_embed.num_patches
     D = model.embed_dim
     patch_dim = model.patch_embed.proj.weight[0].numel()
-    return 2 * L * patch_dim * D + len(model.blocks) * _block_flops(1 + L, D) + 2 * D * model.head.out_features
+    return (2 * L * patch_dim * D + len(model.blocks) * _block_flops(1 + L, D, _mlp_ratio(model.blocks))
+            + 2 * D * model.head.out_features)
 
 
 # ----------------------------------------------------------------------------
@@ -146,6 +162,7 @@ def run(args: argparse.Namespace, baseline: bool, batches: Optional[Iterator] = 
         opt_impl, host_sync = perf.adamw_impl(args.optimizer, device), False
 
     layers = dict(attn=attn, patch_embed=patch_embed)
+    fsdp = args.fsdp and not baseline
     if args.mode == "pretrain":
         model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=True, **layers)
         flops = mae_flops(model, args.mask_ratio)
@@ -153,17 +170,21 @@ def run(args: argparse.Namespace, baseline: bool, batches: Optional[Iterator] = 
         model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=1000,
                                         drop_path_rate=0.1, global_pool=True, **layers)
         flops = vit_flops(model)
+    if args.grad_checkpointing and not baseline:
+        model.set_grad_checkpointing(True)
+    if fsdp:
+        shard_model(model, device, amp)  # moves each process's shards to the device
     model.to(device).train()
     optimizer = perf.adamw(model.parameters(), 1e-4, device, betas=(0.9, 0.95), impl=opt_impl)
     scaler = NativeScalerWithGradNormCount(device.type, enabled=amp == "fp16")
     step_fn = model
-    if args.compile and not baseline:
+    if args.compile and not baseline and not fsdp:
         step_fn = torch.compile(model, mode=args.compile_mode)
 
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
-    def step() -> torch.Tensor:
+    def step(keep_grads: bool = False) -> torch.Tensor:
         nonlocal x, y
         if batches is not None:
             images, labels = next(batches)
@@ -175,7 +196,8 @@ def run(args: argparse.Namespace, baseline: bool, batches: Optional[Iterator] = 
             else:
                 loss = torch.nn.functional.cross_entropy(step_fn(x), y)
         scaler(loss, optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        if not keep_grads:
+            optimizer.zero_grad(set_to_none=True)
         if host_sync:
             loss.item()
         return loss
@@ -197,9 +219,17 @@ def run(args: argparse.Namespace, baseline: bool, batches: Optional[Iterator] = 
     img_s = args.batch_size * args.steps / seconds
     tflops = 3 * flops * img_s / 1e12
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else cpu_peak_memory_gib()
+    step(keep_grads=True)  # one more step, to count the gradients this process holds
+    held = local_state_bytes(model, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    per_process = all_gather_objects({"mem_gib": mem, **{f"{k}_gib": v / 2 ** 30 for k, v in held.items()}})
+    n_params = sum(p.numel() for p in model.parameters())
     return {"config": "baseline" if baseline else "default", "amp": amp, "attn": attn, "patch_embed": patch_embed,
-            "optimizer": opt_impl, "compile": bool(args.compile and not baseline), "img_s": img_s,
-            "tflops": tflops, "gflops_per_img": 3 * flops / 1e9, "mem_gib": mem}
+            "optimizer": opt_impl, "compile": bool(args.compile and not baseline and not fsdp), "fsdp": fsdp,
+            "grad_checkpointing": bool(args.grad_checkpointing and not baseline), "processes": get_world_size(),
+            "params_m": n_params / 1e6, "img_s": img_s * get_world_size(), "tflops": tflops * get_world_size(),
+            "gflops_per_img": 3 * flops / 1e9, "mem_gib": max(p["mem_gib"] for p in per_process),
+            "per_process": per_process}
 
 
 # ----------------------------------------------------------------------------
@@ -346,6 +376,13 @@ def main_e2e(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """Run the benchmark the command line (or `argv`) asks for; return the exit code."""
+    try:
+        return _main(argv)
+    finally:
+        destroy_process_group()  # the one --fsdp or torchrun made, if any
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser("MAE / ViT training-step benchmark")
     parser.add_argument("--mode", choices=["pretrain", "finetune", "data", "e2e"], default="pretrain",
                         help="time a training step on synthetic data, (data) the input pipeline, or (e2e) the "
@@ -364,6 +401,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no_compile", action="store_false", dest="compile")
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard with FSDP2 as main_pretrain.py --fsdp (torchrun for several processes); "
+                             "--amp auto is bf16 on CUDA then")
+    parser.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--baseline", action="store_true", help="only the reference configuration")
@@ -392,7 +433,23 @@ def main(argv=None) -> int:
         args.model = "mae_vit_base_patch16" if args.mode == "pretrain" else "vit_base_patch16"
     device = torch.device(args.device)
     if args.compile is None:
-        args.compile = device.type == "cuda"
+        args.compile = device.type == "cuda" and not args.fsdp
+    if args.fsdp:
+        if args.amp == "fp16":
+            print("error: --fsdp does not support --amp fp16; use --amp bf16 or none", file=sys.stderr)
+            return 2
+        if args.amp == "auto" and device.type == "cuda":
+            args.amp = "bf16"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: one process per GPU
+        dist_args = argparse.Namespace(device=args.device, dist_url="env://", dist_on_itp=False)
+        init_distributed_mode(dist_args)
+        if device.type == "cuda":
+            device = torch.device("cuda", dist_args.gpu)
+            args.device = str(device)
+    elif args.fsdp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        init_single_process_group(device.type)
     torch.set_float32_matmul_precision("highest")
 
     configs = [True, False] if args.compare else [args.baseline]
@@ -402,7 +459,10 @@ def main(argv=None) -> int:
         peaks = {"peak_fp32_tflops": matmul_peak(device, torch.float32),
                  "peak_bf16_tflops": matmul_peak(device, torch.bfloat16)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}, {args.mode} {args.model}, batch {args.batch_size}, {args.input_size}px")
+    if not is_main_process():
+        return 0
+    print(f"device: {name}, {args.mode} {args.model} ({results[-1]['params_m']:.1f}M parameters), batch "
+          f"{args.batch_size} per process, {args.input_size}px, {get_world_size()} process(es)")
     if peaks:
         print(f"measured matmul peak: fp32 {peaks['peak_fp32_tflops']:.2f} TFLOP/s, "
               f"bf16 {peaks['peak_bf16_tflops']:.2f} TFLOP/s")
@@ -414,7 +474,11 @@ def main(argv=None) -> int:
         util_s = f", {100 * r['utilisation']:.0f}% of the {kind} peak" if peak else ""
         print(f"{r['config']:>8}: {r['img_s']:8.1f} img/s, {r['tflops']:7.2f} TFLOP/s{util_s}, "
               f"peak mem {r['mem_gib']:.2f} GiB  (amp {r['amp']}, attn {r['attn']}, patch_embed "
-              f"{r['patch_embed']}, optimizer {r['optimizer']}, compile {r['compile']})")
+              f"{r['patch_embed']}, optimizer {r['optimizer']}, compile {r['compile']}, fsdp {r['fsdp']}, "
+              f"grad_checkpointing {r['grad_checkpointing']})")
+        for rank, p in enumerate(r["per_process"]):
+            print(f"          process {rank}: peak mem {p['mem_gib']:.3f} GiB; holds parameters {p['params_gib']:.3f}, "
+                  f"gradients {p['grads_gib']:.3f}, AdamW state {p['optimizer_gib']:.3f} GiB")
     if len(results) == 2:
         print(f"speed-up over baseline: {results[1]['img_s'] / results[0]['img_s']:.2f}x")
     if args.json:

@@ -70,6 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     mix.add_argument("--mixup_mode", type=str, default="batch",
                      help='how to apply mixup/cutmix params: per "batch", "pair" or "elem"')
 
+    cli.add_scaling_args(g["ours"])
     cli.add_classification_args(g, global_pool=True)
     return parser
 
@@ -112,7 +113,8 @@ def main(args: argparse.Namespace) -> dict:
             raise UserError(f"--finetune_blocks {args.finetune_blocks}: {e}") from None
         log(f"Partial fine-tuning: the last {args.finetune_blocks} blocks, the final norm and the head train")
 
-    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
+    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile, fsdp=args.fsdp,
+                                                    amp=args.amp, grad_checkpointing=args.grad_checkpointing)
 
     # build optimizer with layer-wise lr decay (lrd)
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,

@@ -23,7 +23,7 @@ from util.logger import log
 from util.precision import make_loss_scaler
 from util.resume import restore
 from util.masking import MASK_TYPES, check_mask_type
-from util.transforms import PRETRAIN_AUGS, eval_transform, pretrain_transform
+from util.transforms import PRETRAIN_AUGS, PRETRAIN_SCALE, crop_scale, eval_transform, pretrain_transform
 from util.visualize import reconstruct, to_uint8
 
 
@@ -67,6 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--pretrain_aug", default="crop_rand", choices=PRETRAIN_AUGS,
                           help="pre-training augmentation (Table 1e): none, crop_fixed, crop_rand (the reference: "
                                "random resized crop 0.2-1 + flip), crop_rand_color (+ color jitter); see PRETRAIN.md")
+    cli.add_scaling_args(g["ours"])
     g["ours"].add_argument("--save_freq", default=20, type=int, metavar="N",
                            help="write checkpoint-{epoch}.pth every N epochs (and at the last); "
                                 "checkpoint-last.pth is written every epoch")
@@ -87,6 +88,9 @@ def check_args(args: argparse.Namespace) -> None:
                         f"{args.knn_freq} and {args.knn_max_train}")
     if args.vis_freq < 0:
         raise UserError(f"--vis_freq must be 0 (off) or more, got {args.vis_freq}")
+    if args.fsdp and args.knn_freq:
+        raise UserError("--knn_freq is not supported with --fsdp (the encoder is sharded); drop --knn_freq and run "
+                        "main_knn.py on a checkpoint instead")
     for flag in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -133,14 +137,17 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--mask_type {args.mask_type}: {e}") from None
 
     # uint8 out of the loader, normalised on the device (engine_pretrain): same numbers, faster loading
-    dataset_train = build_dataset(True, args, transform=pretrain_transform(args.input_size, normalize=False,
-                                                                           aug=args.pretrain_aug))
+    dataset_train = build_dataset(True, args, transform=pretrain_transform(
+        args.input_size, normalize=False, aug=args.pretrain_aug, hflip=args.hflip,
+        scale=crop_scale(args, PRETRAIN_SCALE)))
     log(dataset_train)
-    dali_aug = pretrain_aug(args.input_size, args.pretrain_aug) if args.data_loader == "dali" else None
+    dali_aug = pretrain_aug(args.input_size, args.pretrain_aug, args.hflip, crop_scale(args, PRETRAIN_SCALE)) \
+        if args.data_loader == "dali" else None
     data_loader_train = make_train_loader(args.data_loader, dataset_train, dali_aug, args.batch_size, args.num_workers,
                                           args.pin_mem, args.seed, device)
 
-    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
+    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile, fsdp=args.fsdp,
+                                                    amp=args.amp, grad_checkpointing=args.grad_checkpointing)
 
     # following timm: set wd as 0 for bias and norm layers
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
@@ -151,7 +158,11 @@ def main(args: argparse.Namespace) -> None:
     position = runner.position_in_epoch(restore(args, model_without_ddp, optimizer, loss_scaler), dataset_train, args)
     log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
 
-    vis_images = fixed_images(dataset_train, args.input_size) if log_writer is not None and args.vis_freq else None
+    if args.fsdp and args.vis_freq and log_writer is not None:
+        log("Reconstructions are not drawn during --fsdp training (the model is sharded); "
+            "demo/mae_visualize.py draws them from a checkpoint")
+    vis_images = fixed_images(dataset_train, args.input_size) \
+        if log_writer is not None and args.vis_freq and not args.fsdp else None
     knn = knn_loaders(args.knn_data_path or args.data_path, args.input_size, args.batch_size, args.num_workers,
                       args.pin_mem, args.knn_max_train, args.strict_data) if args.knn_freq else None
 

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
 
 from util.layers import patch_embed_layer, use_attention
 from util.masking import block_noise, check_mask_type, grid_noise
@@ -28,7 +29,9 @@ class MaskedAutoencoderViT(nn.Module):
     `mask_type` 'random' (the reference), 'block' or 'grid' (util/masking.py); `encoder_mask_token`: the
     encoder sees every patch, a learned token in place of the removed ones (Table 1c, "w/ [M]"; adds the
     `encoder_mask_token` parameter); `loss_on_visible`: the loss averages over all patches, not only the
-    removed ones.
+    removed ones. `decoder_mlp_ratio` (default: `mlp_ratio`) lets a wide encoder keep the usual decoder
+    (ViT-g's MLP ratio is 48/11, its decoder's 4). `set_grad_checkpointing()` recomputes each block's
+    activations in the backward pass instead of keeping them (same results, less memory).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
@@ -36,8 +39,10 @@ class MaskedAutoencoderViT(nn.Module):
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
                  attn: str = "sdpa", patch_embed: str = "conv", mask_type: str = "random",
-                 encoder_mask_token: bool = False, loss_on_visible: bool = False):
+                 encoder_mask_token: bool = False, loss_on_visible: bool = False,
+                 decoder_mlp_ratio: Optional[float] = None):
         super().__init__()
+        self.grad_checkpointing = False
         # --------------------------------------------------------------------------
         # MAE encoder specifics
         self.patch_embed = patch_embed_layer(patch_embed)(img_size, patch_size, in_chans, embed_dim)
@@ -61,7 +66,8 @@ class MaskedAutoencoderViT(nn.Module):
             torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
 
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio if decoder_mlp_ratio is None else decoder_mlp_ratio,
+                  qkv_bias=True, norm_layer=norm_layer)
             for _ in range(decoder_depth)])
 
         self.decoder_norm = norm_layer(decoder_embed_dim)
@@ -95,6 +101,19 @@ class MaskedAutoencoderViT(nn.Module):
         self.apply(self._init_weights)
         if hasattr(self, "encoder_mask_token"):  # last: every other weight as without it
             torch.nn.init.normal_(self.encoder_mask_token, std=.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block, encoder and decoder (timm's method name)."""
+        self.grad_checkpointing = enable
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """x through the blocks; with grad checkpointing each block keeps only its input for the backward."""
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -191,8 +210,7 @@ class MaskedAutoencoderViT(nn.Module):
         cls_tokens = cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)  # [N, 1+len_keep, D]
 
-        for blk in self.blocks:
-            x = blk(x)
+        x = self._run_blocks(self.blocks, x)
         x = self.norm(x)
         return x, mask, ids_restore
 
@@ -208,8 +226,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([x[:, :1, :], x_], dim=1)  # cls token back in front, [N, 1+L, Dd]
 
         x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)  # [N, 1+L, p*p*C]
         return x[:, 1:, :]
@@ -263,6 +280,22 @@ def mae_vit_tiny_patch16_dec128d4b(**kwargs) -> MaskedAutoencoderViT:
                        decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4), kwargs)
 
 
+@register(MODELS, "mae_vit_micro_patch4")
+def mae_vit_micro_patch4_dec64d2b(**kwargs) -> MaskedAutoencoderViT:
+    """For 32-px images (an 8x8 grid): encoder 96 wide, 6 deep, 3 heads, 4-px patches; decoder 64 wide, 2
+    deep, 4 heads. Small enough to pre-train on a laptop CPU (the quickstart)."""
+    return _build(dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+                       decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4), kwargs)
+
+
+@register(MODELS, "mae_vit_tiny_patch4")
+def mae_vit_tiny_patch4_dec128d4b(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-Ti/4 for 32-px images (an 8x8 grid, e.g. CIFAR): encoder 192 wide, 12 deep, 3 heads; decoder 128
+    wide, 4 deep, 4 heads."""
+    return _build(dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+                       decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4), kwargs)
+
+
 @register(MODELS, "mae_vit_small_patch16")
 def mae_vit_small_patch16_dec256d4b(**kwargs) -> MaskedAutoencoderViT:
     """ViT-S/16 encoder (384 wide, 12 deep, 6 heads), decoder 256 wide, 4 deep, 8 heads."""
@@ -289,6 +322,13 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderViT:
     """ViT-H/14 encoder (1280, 32, 16), decoder 512 wide, 8 deep, 16 heads."""
     return _build(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kwargs)
+
+
+@register(MODELS, "mae_vit_giant_patch14")
+def mae_vit_giant_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderViT:
+    """ViT-g/14 encoder (1408, 40, 16, MLP 6144), decoder 512 wide, 8 deep, 16 heads (MLP 2048)."""
+    return _build(dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11,
+                       decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4), kwargs)
 
 
 # the aliases become module attributes too, so that models_mae.__dict__[name] finds every name

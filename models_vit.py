@@ -62,6 +62,18 @@ def vit_tiny_patch16(**kwargs) -> VisionTransformer:
 
 
 @register(MODELS)
+def vit_micro_patch4(**kwargs) -> VisionTransformer:
+    """The encoder of mae_vit_micro_patch4: width 96, depth 6, 3 heads, 4-px patches, 32-px images."""
+    return _build(dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3), kwargs)
+
+
+@register(MODELS)
+def vit_tiny_patch4(**kwargs) -> VisionTransformer:
+    """ViT-Ti/4: width 192, depth 12, 3 heads, 4-px patches, 32-px images."""
+    return _build(dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register(MODELS)
 def vit_small_patch16(**kwargs) -> VisionTransformer:
     """ViT-S/16: width 384, depth 12, 6 heads."""
     return _build(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
@@ -83,6 +95,12 @@ def vit_large_patch16(**kwargs) -> VisionTransformer:
 def vit_huge_patch14(**kwargs) -> VisionTransformer:
     """ViT-H/14: width 1280, depth 32, 16 heads."""
     return _build(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
+
+
+@register(MODELS)
+def vit_giant_patch14(**kwargs) -> VisionTransformer:
+    """ViT-g/14: width 1408, depth 40, 16 heads, MLP 6144 (ratio 48/11)."""
+    return _build(dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11), kwargs)
 
 
 def create_model(name: str, **kwargs) -> VisionTransformer:

@@ -103,3 +103,21 @@ def test_e2e_mode_feeds_the_training_step_from_both_loaders(tmp_path, capsys):
     # the same model, batch and precision as the synthetic row, fed from 8 JPEGs
     assert all(r["img_s"] > 0 and r["amp"] == results[0]["amp"] for r in results)
     assert all(r["images"] == 8 for r in results[1:])
+
+
+def test_fsdp_and_grad_checkpointing_report_what_each_process_holds(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, _ = _run(["--device", "cpu", "--model", "mae_vit_tiny_patch16", "--input_size", 32,
+                            "--batch_size", 2, "--steps", 1, "--warmup", 1, "--no_peak", "--amp", "none", "--fsdp",
+                            "--grad_checkpointing", "--json", out], capsys)
+    assert code == 0 and "fsdp True, grad_checkpointing True" in stdout and "process 0: peak mem" in stdout
+    (r,) = json.loads(out.read_text())["results"]
+    with torch.device("meta"):
+        model = models_mae.mae_vit_tiny_patch16(img_size=32)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    (p,) = r["per_process"]  # one process holds everything: 4 bytes per parameter, 4 per gradient, 8 for AdamW
+    assert p["params_gib"] * 2 ** 30 == pytest.approx(4 * total)
+    assert p["grads_gib"] * 2 ** 30 == pytest.approx(4 * trainable)
+    assert p["optimizer_gib"] * 2 ** 30 == pytest.approx(8 * trainable)
+    assert r["processes"] == 1 and r["mem_gib"] > 0 and not torch.distributed.is_initialized()

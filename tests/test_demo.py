@@ -1,14 +1,20 @@
 """demo/: the digits writer of the quickstart and the reconstruction visualizer."""
+import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import main_finetune
+import main_knn
+import main_linprobe
+import main_pretrain
 import models_mae
-from helpers import ROOT, run_script
+from helpers import ROOT, run_entry, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "demo"))
 import mae_visualize  # noqa: E402
@@ -71,3 +77,90 @@ def test_mae_visualize_writes_a_four_panel_png(tmp_path):
     args = mae_visualize.get_args_parser().parse_args(["--checkpoint", str(bare), "--output_dir", str(out), str(img)])
     mae_visualize.main(args)  # in this process: the script's path was checked above
     assert Image.open(out / "photo_mae.png").size == (128, 32)
+
+
+def _digit_like_folder(root, per_class=2):
+    """10 class folders named 0-9 of grey 32-px images (the quickstart's layout, a few images each)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 1)):
+        for d in range(10):
+            os.makedirs(root / split / str(d))
+            for i in range(n):
+                grey = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+                Image.fromarray(grey, mode="L").convert("RGB").save(root / split / str(d) / f"{i}.png")
+    return str(root)
+
+
+def test_quickstart_stages_run_through_the_entry_points_and_are_summarised(tmp_path, capsys):
+    data = _digit_like_folder(tmp_path / "data")
+    out = tmp_path / "qs"
+    args = quickstart.get_args_parser().parse_args(
+        ["--output_dir", str(out), "--pretrain_epochs", "2", "--linprobe_epochs", "1", "--finetune_epochs", "1"])
+    stages = quickstart.build_stages(args, data, str(out))
+    assert list(stages) == ["pretrain", "linprobe_mae", "linprobe_random", "knn_mae", "knn_random",
+                            "finetune_mae", "finetune_scratch"]
+
+    def recipe(name):  # the flags without the initialisation and the output folders
+        flags = [str(f) for f in stages[name][1]]
+        for flag in ("--finetune", "--output_dir", "--log_dir"):
+            if flag in flags:
+                i = flags.index(flag)
+                del flags[i:i + 2]
+        return flags
+
+    # compared runs share their recipe; the digits are never flipped
+    assert recipe("finetune_mae") == recipe("finetune_scratch") and "--finetune" not in stages["finetune_scratch"][1]
+    assert recipe("linprobe_mae") == recipe("linprobe_random") and recipe("knn_mae") == recipe("knn_random")
+    for name in ("pretrain", "linprobe_mae", "finetune_mae"):
+        flags = [str(f) for f in stages[name][1]]
+        assert flags[flags.index("--hflip") + 1] == "0"
+    modules = {"main_pretrain.py": main_pretrain, "main_linprobe.py": main_linprobe, "main_knn.py": main_knn,
+               "main_finetune.py": main_finetune}
+    small = ["--batch_size", 4, "--num_workers", 0]  # the last value of a flag wins: few images here
+    for name, (script, flags, stage_dir, epochs) in stages.items():
+        run_entry(modules[script], *flags, *small)
+        assert len(quickstart.read_log(stage_dir)) == (epochs or 1)
+
+    seconds = {name: 1.0 for name in stages}
+    summary = quickstart.finish(str(out), data, seconds, {"train": 20, "val": 10}, 32, time.time() - 5)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == summary
+    pre = quickstart.read_log(str(out / "pretrain"))
+    assert summary["pretrain_loss"] == [round(e["train_loss"], 4) for e in pre] and len(pre) == 2
+    assert summary["pretrain_loss_first"] == pre[0]["train_loss"]
+    assert summary["finetune_acc1_scratch"] == quickstart.read_log(str(out / "finetune_scratch"))[-1]["test_acc1"]
+    assert summary["knn_acc1_mae"] == quickstart.read_log(str(out / "knn_mae"))[-1]["20nn_top1"]
+    for key in ("linprobe_acc1_mae", "linprobe_acc1_random", "knn_acc1_random", "finetune_acc1_mae"):
+        assert 0 <= summary[key] <= 100
+    assert set(summary["meaning"]) == {"pretrain_loss", "linprobe_acc1", "knn_acc1", "finetune_acc1"}
+    assert summary["seconds_total"] >= 5
+    # the picture: one grey row per digit, four panels of 32 px enlarged 4x; the loss plot
+    picture = np.asarray(Image.open(out / "reconstruction.png")).astype(int)
+    assert picture.shape == (10 * 128, 4 * 128, 3)
+    assert (picture[..., 0] == picture[..., 1]).all() and (picture[..., 1] == picture[..., 2]).all()
+    plot = np.asarray(Image.open(out / "loss.png"))
+    assert plot.shape == (300, 480, 3) and ((plot[..., 2] > 200) & (plot[..., 0] < 50)).any()  # the blue curve
+    table = capsys.readouterr().out
+    assert "finetune_scratch" in table and "knn_random" in table
+
+
+def test_quickstart_progress_lines_and_a_failed_stage(tmp_path, capsys):
+    assert quickstart.progress_line("pretrain", 0, 10, 0.4) == "[pretrain] epoch 0/10, 0 s elapsed, ETA -"
+    assert quickstart.progress_line("pretrain", 4, 10, 20.0) == "[pretrain] epoch 4/10, 20 s elapsed, ETA 30 s"
+    stage_dir = tmp_path / "stage"
+    fake = tmp_path / "fake_entry.py"  # writes an epoch line to log.txt every 0.2 s, then fails if told to
+    fake.write_text("import json, os, sys, time\n"
+                    f"os.makedirs({str(stage_dir)!r}, exist_ok=True)\n"
+                    "for e in range(3):\n"
+                    "    time.sleep(0.2)\n"
+                    f"    open(os.path.join({str(stage_dir)!r}, 'log.txt'), 'a').write(json.dumps({{'epoch': e}}) + '\\n')\n"
+                    "sys.exit(int(sys.argv[1]))\n")
+    with open(tmp_path / "commands.txt", "w") as log_file:
+        quickstart.run_stage("fake", str(fake), [0], str(stage_dir), 3, log_file)
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[-1].startswith("[fake] done in")
+        assert lines[-2].startswith("[fake] epoch 3/3, ")  # the last epoch is shown even when it ends the run
+        os.remove(stage_dir / "log.txt")
+        with pytest.raises(SystemExit, match="stage fake failed \\(exit 3\\); see .*fake.log"):
+            quickstart.run_stage("fake", str(fake), [3], str(stage_dir), 3, log_file)
+    assert "fake_entry.py 0" in (tmp_path / "commands.txt").read_text()

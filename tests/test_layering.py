@@ -17,6 +17,7 @@ LAYERS = [
               "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.masking", "util.visualize"]),
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
+    ("sharding", ["util.sharding"]),
     ("checkpoint", ["util.formats", "util.checkpoint", "util.resume", "util.preemption"]),
     ("data", ["util.transforms", "util.datasets", "util.dali"]),
     ("models", ["models_mae", "models_vit"]),

@@ -46,7 +46,7 @@ def _small_kwargs(name):
     """Keep big models cheap (few blocks) while keeping their width."""
     patch = 14 if "patch14" in name else 16
     kw = dict(img_size=2 * patch)
-    if any(s in name for s in ("base", "large", "huge")):
+    if any(s in name for s in ("base", "large", "huge", "giant")):
         kw.update(depth=2, decoder_depth=1)
     return kw
 
@@ -96,6 +96,39 @@ def test_reference_names_and_architecture(name):
     assert m.pos_embed.shape == (1, (224 // patch) ** 2 + 1, width)
     norms = [mod for mod in m.modules() if isinstance(mod, nn.LayerNorm)]
     assert norms and all(mod.eps == 1e-6 for mod in norms)
+
+
+def test_giant_is_vit_g14_with_the_usual_decoder():
+    assert models_mae.mae_vit_giant_patch14 is models_mae.mae_vit_giant_patch14_dec512d8b
+    with torch.device("meta"):
+        m = models_mae.mae_vit_giant_patch14()
+    assert m.patch_embed.proj.weight.shape == (1408, 3, 14, 14) and m.pos_embed.shape == (1, 257, 1408)
+    assert len(m.blocks) == 40 and m.blocks[0].attn.num_heads == 16 and m.blocks[0].mlp.fc1.out_features == 6144
+    assert m.decoder_embed.out_features == 512 and len(m.decoder_blocks) == 8
+    assert m.decoder_blocks[0].attn.num_heads == 16 and m.decoder_blocks[0].mlp.fc1.out_features == 2048
+    # counted by hand: a block of width D and MLP H holds 4D^2 + 4D (attention) + 2DH + H + D (MLP) + 4D (norms)
+    def block(d, h):
+        return 4 * d * d + 4 * d + 2 * d * h + h + d + 4 * d
+    encoder = 1408 * 3 * 14 * 14 + 1408 + 1408 + 257 * 1408 + 40 * block(1408, 6144) + 2 * 1408
+    decoder = 1408 * 512 + 512 + 512 + 257 * 512 + 8 * block(512, 2048) + 2 * 512 + 512 * 14 * 14 * 3 + 14 * 14 * 3
+    assert sum(p.numel() for p in m.parameters()) == encoder + decoder == 1_037_577_676
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        m = models_mae.mae_vit_tiny_patch16(img_size=32, depth=2, decoder_depth=2)
+        m.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        loss = m(torch.randn(3, 3, 32, 32))[0]  # masks drawn from the seeded stream
+        loss.backward()
+        return loss, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    loss_a, a = grads(False)
+    loss_b, b = grads(True)
+    assert torch.equal(loss_a, loss_b) and a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 def test_aliases_are_the_full_constructors():

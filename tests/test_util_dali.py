@@ -276,3 +276,20 @@ def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
         assert np.isfinite(row["train_loss"]) and 0 <= row["test_acc1"] <= 100
         # 7 validation images: accuracy is a multiple of 1/7
         assert abs(row["test_acc1"] * 7 / 100 - round(row["test_acc1"] * 7 / 100)) < 1e-6
+
+
+def test_hflip_and_crop_scale_reach_the_dali_pipeline(tmp_path):
+    _ramp_png(tmp_path / "ramp.png")
+    n, size = 100, 64
+    aug = dali.pretrain_aug(size, "crop_rand", hflip=0.0, scale=(0.9, 1.0))
+    assert aug.hflip == 0.0 and aug.scale == (0.9, 1.0)
+    args = argparse.Namespace(input_size=size, aa="", color_jitter=None, reprob=0.0, remode="pixel", recount=1,
+                              hflip=0.0, crop_scale=[0.5, 0.6])
+    assert dali.finetune_aug(args).scale == (0.5, 0.6) and dali.finetune_aug(args).hflip == 0.0
+    assert dali.linprobe_aug(True, size, hflip=0.25, scale=(0.3, 0.4)).scale == (0.3, 0.4)
+    pipe = dali.PipelineFactory(aug, n, 2, None).build([str(tmp_path / "ramp.png")] * n, [0] * n, seed=1)
+    images = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
+    rx = images[:, 0].mean(1)  # [N, W]: the R ramp rises left to right unless flipped
+    assert (rx[:, 48] > rx[:, 16]).all()  # never flipped
+    w = (rx[:, 48] - rx[:, 16]) * 0.229 * 255 / 32 * size
+    assert (w > 0.9 * 256 * 0.75).all()  # crops of 90-100% of the area (aspect 3/4-4/3 bounds the width)

@@ -131,3 +131,28 @@ def test_reconstructions_use_the_models_mask_type_and_leave_the_random_streams()
     model.mask_type = "block"
     first, second = (reconstruct(model, imgs, seed=1)[:, 1] for _ in range(2))
     assert torch.equal(first, second)  # the seed fixes the block masks too
+
+
+def test_grey_originals_are_drawn_grey_and_colour_ones_in_colour():
+    import numpy as np
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from util.visualize import reconstruct, to_uint8
+
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_micro_patch4(norm_pix_loss=True)  # untrained: its channels disagree
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    grey = torch.rand(1, 1, 32, 32).expand(1, 3, 32, 32)
+    colour = torch.rand(1, 3, 32, 32)
+    panels = reconstruct(model, (torch.cat([grey, colour]) - mean) / std)
+    grid = to_uint8(panels).astype(int)  # [2*32, 4*32, 3]
+    recon = (panels[:, 2] * std + mean).clamp(0, 1)  # the reconstruction panel in pixels, [2, 3, 32, 32]
+    assert (recon[0].amax(0) - recon[0].amin(0)).max() > 0.05  # the model's own output has a colour cast
+    # the grey row: every panel has R = G = B, and the reconstruction is the channel mean
+    assert (grid[:32, ..., 0] == grid[:32, ..., 1]).all() and (grid[:32, ..., 1] == grid[:32, ..., 2]).all()
+    expected = (recon[0].mean(0) * 255).round().int().numpy()
+    assert np.abs(grid[:32, 64:96, 0] - expected).max() <= 1
+    # the colour row keeps its colours
+    expected = (recon[1].permute(1, 2, 0) * 255).round().int().numpy()
+    assert np.abs(grid[32:, 64:96] - expected).max() <= 1

@@ -41,6 +41,9 @@ def test_given_values_are_kept(monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--print_freq", "0"], "--print_freq must be at least 1, got 0"),
     (["--device", "tpu0"], "--device tpu0 is not a device"),
+    (["--hflip", "1.5"], "--hflip is a probability, from 0 to 1, got 1.5"),
+    (["--crop_scale", "0.8", "0.5"], "--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1, got 0.8 0.5"),
+    (["--crop_scale", "0", "1"], "--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1"),
 ])
 def test_bad_values_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):

@@ -126,3 +126,58 @@ def test_pretrain_augmentations(aug):
     assert ("RandomResizedCrop" in names) == aug.startswith("crop_rand")
     with pytest.raises(ValueError, match="must be one of"):
         transforms.pretrain_transform(32, aug="mixup")
+
+
+def _asymmetric_image() -> Image.Image:
+    """Bright left half, dark right half: a flip is visible in every crop."""
+    arr = np.zeros((48, 48, 3), dtype=np.uint8)
+    arr[:, :24] = 255
+    return Image.fromarray(arr)
+
+
+def _flipped(out: torch.Tensor) -> bool:
+    half = out.shape[-1] // 2
+    return out[..., :half].float().mean() < out[..., half:].float().mean()
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, s: transforms.pretrain_transform(32, normalize=False, hflip=p, scale=s),
+    lambda p, s: transforms.linprobe_transform(True, 32, normalize=False, hflip=p, scale=s),
+    lambda p, s: transforms.build_transform(True, argparse.Namespace(
+        input_size=32, color_jitter=None, aa="", reprob=0.0, remode="pixel", recount=1, hflip=p, crop_scale=s)),
+], ids=["pretrain", "linprobe", "finetune"])
+def test_hflip_and_crop_scale_reach_every_training_transform(make):
+    img = _asymmetric_image()
+    torch.manual_seed(0)
+    never = make(0.0, (0.7, 1.0))
+    assert not any(_flipped(never(img)) for _ in range(40))
+    always = make(1.0, (0.7, 1.0))
+    assert all(_flipped(always(img)) for _ in range(20))
+    half = make(0.5, (0.7, 1.0))
+    flips = sum(_flipped(half(img)) for _ in range(200))
+    assert 70 <= flips <= 130  # Binomial(200, 0.5): mean 100, sd 7; this is +-4.2 sd
+    crops = [step for step in never.transforms if "RandomResizedCrop" in type(step).__name__]
+    assert len(crops) == 1 and tuple(crops[0].scale) == (0.7, 1.0)
+
+
+def test_crop_scale_defaults_are_each_stages_own():
+    assert transforms.crop_scale(argparse.Namespace(crop_scale=None), transforms.PRETRAIN_SCALE) == (0.2, 1.0)
+    assert transforms.crop_scale(argparse.Namespace(), transforms.FINETUNE_SCALE) == (0.08, 1.0)
+    assert transforms.crop_scale(argparse.Namespace(crop_scale=[0.5, 0.9]), transforms.LINPROBE_SCALE) == (0.5, 0.9)
+    # the reference's pipelines are unchanged by default
+    ref = transforms.build_transform(True, argparse.Namespace(
+        input_size=32, color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1))
+    names = [type(step).__name__ for step in ref.transforms]
+    assert "RandomHorizontalFlip" in names and tuple(ref.transforms[0].scale) == (0.08, 1.0)
+
+
+def test_an_unknown_auto_augment_policy_is_a_one_line_error():
+    from util.errors import UserError
+
+    args = argparse.Namespace(input_size=32, color_jitter=None, aa="randaug-m9", reprob=0.0, remode="pixel",
+                              recount=1)
+    with pytest.raises(UserError, match="--aa randaug-m9 is not an augmentation policy timm knows"):
+        transforms.build_transform(True, args)
+    args.aa = ""  # none at all
+    names = [type(step).__name__ for step in transforms.build_transform(True, args).transforms]
+    assert "RandAugment" not in names and "RandomResizedCropAndInterpolation" in names

@@ -18,6 +18,7 @@ from util.errors import CheckpointError, CheckpointWriteError
 from util.formats import detect_format, hf_to_ours, read_weights, weights_file
 from util.logger import log
 from util.pos_embed import interpolate_pos_embed
+from util.sharding import load_model_state
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 
@@ -140,13 +141,14 @@ def describe_mismatch(missing: List[str], unexpected: List[str], shapes: List[st
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with an error naming the mismatched keys and shapes."""
+    """load_state_dict(strict=True) with an error naming the mismatched keys and shapes (a sharded model
+    takes its slice of each tensor)."""
     missing, unexpected, shapes = state_dict_mismatch(model, state_dict)
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"checkpoint {source} does not fit the model ({describe_mismatch(missing, unexpected, shapes)}); "
             f"check --model and --input_size")
-    model.load_state_dict(state_dict, strict=True)
+    load_model_state(model, state_dict)
 
 
 def find_checkpoints(output_dir: os.PathLike) -> List[Path]:

@@ -142,6 +142,12 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                       help="minutes a process waits for the others before the job fails")
     if not training:
         return
+    ours.add_argument("--hflip", default=0.5, type=float, metavar="P",
+                      help="probability of a horizontal flip in the training augmentation (0 for data whose "
+                           "orientation matters, such as digits or text)")
+    ours.add_argument("--crop_scale", default=None, type=float, nargs=2, metavar=("MIN", "MAX"),
+                      help="area range of the training random-resized crop (default: the stage's own, 0.2 1 "
+                           "for pre-training, 0.08 1 for fine-tuning and linear probing)")
     ours.add_argument("--compile", action="store_true", default=None,
                       help="torch.compile the model (default: on for CUDA, off for CPU)")
     ours.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")
@@ -155,6 +161,18 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
     ours.add_argument("--save_every_minutes", default=None, type=float, metavar="M",
                       help="also write checkpoint-last.pth inside an epoch every M minutes of training, so a hard "
                            "kill loses at most M minutes (default: off; a stop signal always saves the position)")
+
+
+def add_scaling_args(group: Any) -> None:
+    """--fsdp and --grad_checkpointing (pre-training and fine-tuning), into the 'ours' group."""
+    group.add_argument("--fsdp", action="store_true",
+                       help="shard parameters, gradients and AdamW state over the processes (PyTorch FSDP2: each "
+                            "block, then the model) instead of replicating them with DDP; checkpoints stay single "
+                            "full files. Runs in one process too (sharding nothing). Needs --amp bf16 or none "
+                            "(default on CUDA: bf16)")
+    group.add_argument("--grad_checkpointing", action="store_true",
+                       help="activation checkpointing: keep only each transformer block's input and recompute the "
+                            "rest in the backward pass (less memory, about a third more compute, same results)")
 
 
 def add_classification_args(g: Groups, *, global_pool: bool) -> None:

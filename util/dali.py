@@ -43,6 +43,7 @@ from torch.utils.data import Sampler, SequentialSampler
 from util.distributed import all_gather_objects, get_rank, get_world_size
 from util.datasets import ImageFolder, ResumableSampler, ShardSampler, check_one_batch, eval_loader, train_loader
 from util.errors import DataError, UserError
+from util.transforms import FINETUNE_SCALE, LINPROBE_SCALE, PRETRAIN_SCALE, crop_scale
 from util.logger import log, warn
 
 __all__ = ["LOADERS", "DaliAug", "DaliLoader", "dali_available", "dali_eval_loader", "dali_train_loader", "eval_aug",
@@ -97,26 +98,29 @@ class DaliAug:
     rand_augment: Optional[Tuple[int, int, float]] = None
     reprob: float = 0.0
     erase_noise: bool = True
+    hflip: float = 0.5
 
 
-def pretrain_aug(input_size: int, aug: str = "crop_rand") -> DaliAug:
+def pretrain_aug(input_size: int, aug: str = "crop_rand", hflip: float = 0.5,
+                 scale: Sequence[float] = PRETRAIN_SCALE) -> DaliAug:
     """pretrain_transform's augmentation (util/transforms.py) for DALI; crop_rand_color is torch-only."""
     resize = int(input_size / 0.875)
     if aug == "crop_rand":
-        return DaliAug(input_size, True, scale=(0.2, 1.0))
+        return DaliAug(input_size, True, scale=tuple(scale), hflip=hflip)
     if aug == "crop_fixed":
-        return DaliAug(input_size, True, resize=resize, crop_fixed=True)
+        return DaliAug(input_size, True, resize=resize, crop_fixed=True, hflip=hflip)
     if aug == "none":
         return DaliAug(input_size, False, resize=resize)
     raise UserError(f"--pretrain_aug {aug} is not available with --data_loader dali; use --data_loader torch "
                     f"or --pretrain_aug crop_rand, crop_fixed or none")
 
 
-def linprobe_aug(is_train: bool, input_size: int) -> DaliAug:
+def linprobe_aug(is_train: bool, input_size: int, hflip: float = 0.5,
+                 scale: Sequence[float] = LINPROBE_SCALE) -> DaliAug:
     """linprobe_transform for DALI: one crop draw (no retries; DALI clips an oversized draw), or resize
     input_size * 256 / 224 and centre crop."""
     if is_train:
-        return DaliAug(input_size, True, scale=(0.08, 1.0), attempts=1)
+        return DaliAug(input_size, True, scale=tuple(scale), attempts=1, hflip=hflip)
     return DaliAug(input_size, False, resize=int(input_size * 256 / 224))
 
 
@@ -166,7 +170,7 @@ def finetune_aug(args: Any) -> DaliAug:
         raise UserError(f"--remode {args.remode} is not available with --data_loader dali; {fix} or --remode pixel")
     if args.reprob > 0 and args.recount != 1:
         raise UserError(f"--recount {args.recount} is not available with --data_loader dali; {fix} or --recount 1")
-    return DaliAug(args.input_size, True, scale=(0.08, 1.0),
+    return DaliAug(args.input_size, True, scale=crop_scale(args, FINETUNE_SCALE), hflip=getattr(args, "hflip", 0.5),
                    rand_augment=parse_rand_augment(aa) if aa else None,
                    reprob=args.reprob, erase_noise=args.remode == "pixel")
 
@@ -332,7 +336,7 @@ def define_pipeline(file_list: str, aug: DaliAug, batch_size: int, num_threads: 
     def pipeline():
         encoded, label = fn.readers.file(file_list=file_list, random_shuffle=False, name="reader")
         decoder = "mixed" if gpu else "cpu"
-        mirror = fn.random.coin_flip(probability=0.5) if aug.train else 0
+        mirror = fn.random.coin_flip(probability=aug.hflip) if aug.train and aug.hflip > 0 else 0
         crop: Dict[str, Any] = {}
         if aug.train and not aug.crop_fixed:
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,

@@ -87,6 +87,14 @@ def init_distributed_mode(args: Any) -> None:
     dist.barrier()
 
 
+def init_single_process_group(device_type: str) -> None:
+    """A process group of this process alone (no network: an in-memory store), for code that needs one even
+    without torchrun, such as FSDP on one GPU."""
+    if is_dist_avail_and_initialized():
+        return
+    dist.init_process_group(backend=backend_for(device_type), store=dist.HashStore(), rank=0, world_size=1)
+
+
 def destroy_process_group() -> None:
     """Leave the process group, if this process is in one."""
     if is_dist_avail_and_initialized():

@@ -1,10 +1,10 @@
 """The training-epoch loop both engines share, and its parts.
 
-Accumulation boundaries, DDP no_sync on micro-steps, deferred NaN checks and buffered TensorBoard
+Accumulation boundaries, no gradient reduction on micro-steps (DDP no_sync, FSDP
+set_requires_gradient_sync), deferred NaN checks and buffered TensorBoard
 scalars: nothing waits for the device between console prints. An epoch can continue from a saved
 position, and a hook at every optimizer-step boundary may save one and stop (util/runner.py).
 """
-from contextlib import nullcontext
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -16,6 +16,7 @@ from util.logger import log
 from util.metrics import MetricLogger, SmoothedValue
 from util.precision import autocast
 from util.resume import EpochPosition, set_rng_state
+from util.sharding import gradient_sync
 
 # called at each optimizer-step boundary with (batches done this epoch, the epoch's meters, a function
 # that raises if a loss since the last check was not finite)
@@ -23,10 +24,9 @@ AfterStep = Callable[[int, MetricLogger, Callable[[], None]], None]
 
 
 def maybe_no_sync(model: torch.nn.Module, update_grad: bool):
-    """DDP's no_sync() on accumulation micro-steps (gradients are all-reduced only when stepping)."""
-    if not update_grad and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return nullcontext()
+    """No gradient reduction on accumulation micro-steps (DDP's no_sync(), FSDP's
+    set_requires_gradient_sync(False)): gradients are reduced only at the step that updates."""
+    return gradient_sync(model, update_grad)
 
 
 class LossWatch:

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from typing import Dict, Iterable, Optional, Union
 
 import torch
+from torch.distributed.tensor import DTensor
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 
@@ -98,7 +99,8 @@ class NativeScalerWithGradNormCount:
             if clip_grad is not None:
                 if parameters is None:
                     raise ValueError("clip_grad needs the parameters to clip")
-                norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+                # DTensor-aware: with sharded (--fsdp) gradients the total norm spans every shard
+                norm = _replicated(torch.nn.utils.clip_grad_norm_(parameters, clip_grad))
             else:
                 norm = get_grad_norm_(parameters)
         if self._scaler is not None:
@@ -124,11 +126,18 @@ def get_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     parameters = [p for p in parameters if p.grad is not None]
     if len(parameters) == 0:
         return torch.tensor(0.0)
+    if any(isinstance(p.grad, DTensor) for p in parameters):  # sharded gradients: torch sums over the shards
+        return _replicated(torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type))
     device = parameters[0].grad.device
     if norm_type == float("inf"):
         return max(p.grad.detach().abs().max().to(device) for p in parameters)
     return torch.norm(torch.stack([torch.norm(p.grad.detach(), norm_type).to(device)
                                    for p in parameters]), norm_type)
+
+
+def _replicated(norm: torch.Tensor) -> torch.Tensor:
+    """A total norm as a plain tensor (torch returns a replicated DTensor for sharded gradients)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def make_loss_scaler(amp: str, device: torch.device) -> NativeScalerWithGradNormCount:

@@ -25,6 +25,7 @@ from util.checkpoint import (atomic_save, find_latest_checkpoint, load_checkpoin
 from util.distributed import all_gather_objects, broadcast_object, get_rank, get_world_size, is_main_process
 from util.errors import CheckpointError
 from util.logger import log, warn
+from util.sharding import full_state_dicts, load_optimizer_state
 
 
 # ----------------------------------------------------------------------------
@@ -64,13 +65,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_model(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                optimizer: torch.optim.Optimizer, loss_scaler: Any, name: Optional[str] = None,
                extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
-    """Write output_dir/checkpoint-{name or epoch}.pth atomically on rank 0; return its path."""
+    """Write output_dir/checkpoint-{name or epoch}.pth atomically on rank 0; return its path.
+
+    The model and optimizer are saved unsharded in either case (with --fsdp they are gathered first, so
+    every rank must call this; util/sharding.py).
+    """
     if not args.output_dir:
         return None
     path = Path(args.output_dir) / f"checkpoint-{name if name is not None else epoch}.pth"
+    model_state, optimizer_state = full_state_dicts(model_without_ddp, optimizer)
     to_save = {
-        "model": model_without_ddp.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "epoch": epoch,
         "scaler": loss_scaler.state_dict() if loss_scaler is not None else {},
         "args": to_plain(args),
@@ -97,10 +103,7 @@ def load_model(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optiona
     log(f"Resume checkpoint {args.resume}")
     if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
         if optimizer is not None:
-            try:
-                optimizer.load_state_dict(checkpoint["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"optimizer state in {args.resume} does not fit: {e}") from None
+            load_optimizer_state(model_without_ddp, optimizer, checkpoint["optimizer"], args.resume)
         args.start_epoch = checkpoint["epoch"] + 1
         if "scaler" in checkpoint and loss_scaler is not None:
             loss_scaler.load_state_dict(checkpoint["scaler"])

@@ -17,7 +17,7 @@ import torch.backends.cudnn as cudnn
 from torch.utils.data import DataLoader
 
 from util.checkpoint import to_plain
-from util.distributed import get_rank, is_main_process
+from util.distributed import get_rank, get_world_size, is_main_process
 from util.engine_loop import AfterStep
 from util.errors import UserError
 from util.logger import log, warn
@@ -26,6 +26,7 @@ from util.preemption import StopGuard
 from util.resume import (EpochPosition, data_fingerprint, epoch_position, remove_stale_temp_files, save_epoch,
                          save_position, truncate_log)
 from util.settings import resolve_settings
+from util.sharding import shard_model
 
 
 def setup(args: Any) -> torch.device:
@@ -60,19 +61,32 @@ def check_input_size(input_size: int, model: torch.nn.Module) -> None:
                         f"use a multiple of {patch} (e.g. {max(patch, input_size // patch * patch)})")
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device, distributed: bool,
-                  compile: bool) -> Tuple[torch.nn.Module, torch.nn.Module]:
-    """Move to the device, wrap in DDP when distributed, torch.compile when asked.
+def prepare_model(model: torch.nn.Module, device: torch.device, distributed: bool, compile: bool,
+                  fsdp: bool = False, amp: str = "none", grad_checkpointing: bool = False
+                  ) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """Activation checkpointing if asked; then shard (--fsdp), or move to the device, wrap in DDP when
+    distributed and torch.compile when asked.
 
-    Returns (model to train, model_without_ddp: the plain module whose state dict is saved).
+    Returns (model to train, model_without_ddp: the module whose (full) state dict is saved). With --fsdp
+    both are the same module, sharded in place; fully_shard moves each process's shards to the device, so
+    the whole model never sits on one GPU.
     """
-    model.to(device)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if not fsdp:
+        model.to(device)
     log("Model = %s" % str(model))
-    return wrap_model(model, device, distributed, compile), model
+    return wrap_model(model, device, distributed, compile, fsdp=fsdp, amp=amp), model
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device, distributed: bool, compile: bool) -> torch.nn.Module:
-    """DDP around the model when distributed (no unused-parameter search), then torch.compile if asked."""
+def wrap_model(model: torch.nn.Module, device: torch.device, distributed: bool, compile: bool,
+               fsdp: bool = False, amp: str = "none") -> torch.nn.Module:
+    """FSDP2 (util/sharding.py) with `fsdp`; otherwise DDP around the model when distributed (no
+    unused-parameter search), then torch.compile if asked."""
+    if fsdp:
+        log(f"Sharding the model with FSDP2 over {get_world_size()} process(es), compute in "
+            f"{'fp32' if amp == 'none' else amp}, gradients reduced in fp32")
+        return shard_model(model, device, amp)
     if distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

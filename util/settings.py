@@ -10,7 +10,7 @@ import torch
 
 import util.perf as perf
 from util.dali import require_dali
-from util.distributed import get_world_size, init_distributed_mode
+from util.distributed import get_world_size, init_distributed_mode, init_single_process_group
 from util.errors import UserError
 from util.logger import log
 from util.precision import resolve_amp
@@ -26,10 +26,29 @@ def check_common_args(args: Any) -> None:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.save_every_minutes is not None and args.save_every_minutes <= 0:
         raise UserError(f"--save_every_minutes must be more than 0, got {args.save_every_minutes}")
+    if not 0 <= getattr(args, "hflip", 0.5) <= 1:
+        raise UserError(f"--hflip is a probability, from 0 to 1, got {args.hflip}")
+    scale = getattr(args, "crop_scale", None)
+    if scale and not 0 < scale[0] <= scale[1] <= 1:
+        raise UserError(f"--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1, got {scale[0]} {scale[1]}")
     if not args.data_path:
         raise UserError("--data_path is required: a folder with train/ (and val/) sub-folders of class folders")
     if getattr(args, "data_loader", "torch") == "dali":
         require_dali()
+
+
+def check_fsdp_args(args: Any) -> None:
+    """--fsdp combinations that are not supported, each a one-line error naming the fix."""
+    if not getattr(args, "fsdp", False):
+        return
+    if args.amp == "fp16":
+        raise UserError("--fsdp does not support --amp fp16 (its loss scaler would check only each process's shard "
+                        "for overflows); use --amp bf16 (the default with --fsdp on CUDA) or --amp none")
+    if args.compile:
+        raise UserError("--fsdp with --compile is not supported; drop --compile (the default is off with --fsdp)")
+    if getattr(args, "dist_eval", False):
+        raise UserError("--fsdp with --dist_eval is not supported: shards of unequal length would leave processes "
+                        "waiting for each other's parameters; drop --dist_eval (each process evaluates the whole set)")
 
 
 def default_device() -> str:
@@ -58,18 +77,27 @@ def resolve_settings(args: Any) -> torch.device:
 
     Returns the device. Sets args.device, amp, compile, attn, patch_embed, lr,
     resume and start_epoch (plus rank, world_size, gpu, distributed from the process group).
+    With --fsdp and no launcher, a process group of this process alone is created (FSDP needs one).
     """
     check_common_args(args)
+    check_fsdp_args(args)
+    fsdp = getattr(args, "fsdp", False)
     if args.device is None:
         args.device = default_device()
     device = parse_device(args.device)
     init_distributed_mode(args)
     if device.type == "cuda" and args.distributed:
         device = torch.device("cuda", args.gpu)
+    if fsdp and not args.distributed:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # the device mesh is built on the current device
+        init_single_process_group(device.type)
 
+    if fsdp and args.amp is None and device.type == "cuda":
+        args.amp = "bf16"  # FSDP's policy computes in bf16; fp16 would need a loss scaler across the shards
     args.amp = resolve_amp(args.amp, device)
     if args.compile is None:
-        args.compile = device.type == "cuda"  # measured faster there (PRETRAIN.md); off on CPU
+        args.compile = device.type == "cuda" and not fsdp  # measured faster there (PRETRAIN.md); off on CPU
     try:
         args.attn, args.patch_embed = perf.resolve_layers(device.type, args.amp, args.attn, args.patch_embed)
     except ValueError as e:

@@ -8,7 +8,7 @@
 Transforms built with normalize=False end in a uint8 tensor; `normalize_images` turns a batch of
 those into the same floats as ToTensor + Normalize, on the device.
 """
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 from timm.data import create_transform
@@ -16,29 +16,54 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 from util.compat import fix_timm_posterize
+from util.errors import UserError
 from util.crop import RandomResizedCrop
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 fix_timm_posterize()  # RandAugment at magnitude 10 on Pillow >= 13; see util/compat.py
 
+# the random-resized-crop area range of each stage when --crop_scale is not given
+PRETRAIN_SCALE = (0.2, 1.0)
+FINETUNE_SCALE = (0.08, 1.0)
+LINPROBE_SCALE = (0.08, 1.0)
+
+
+def crop_scale(args: Any, default: Tuple[float, float]) -> Tuple[float, float]:
+    """The --crop_scale of a run (MIN MAX), or the stage's default when it is not given."""
+    scale = getattr(args, "crop_scale", None)
+    return tuple(scale) if scale else default
+
+
+def _flip(p: float) -> list:
+    """A horizontal flip with probability p, or nothing for p = 0."""
+    return [transforms.RandomHorizontalFlip(p)] if p > 0 else []
+
 
 def build_transform(is_train: bool, args: Any) -> Callable:
     """Fine-tuning transforms: timm RandAugment/erasing pipeline, or resize + center crop."""
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if is_train:
-        return create_transform(
-            input_size=args.input_size,
-            is_training=True,
-            color_jitter=args.color_jitter,
-            auto_augment=args.aa,
-            interpolation="bicubic",
-            re_prob=args.reprob,
-            re_mode=args.remode,
-            re_count=args.recount,
-            mean=mean,
-            std=std,
-        )
+        try:
+            return create_transform(
+                input_size=args.input_size,
+                is_training=True,
+                color_jitter=args.color_jitter,
+                auto_augment=args.aa,
+                interpolation="bicubic",
+                scale=crop_scale(args, FINETUNE_SCALE),
+                hflip=getattr(args, "hflip", 0.5),
+                re_prob=args.reprob,
+                re_mode=args.remode,
+                re_count=args.recount,
+                mean=mean,
+                std=std,
+            )
+        except (AssertionError, KeyError, ValueError) as e:  # timm's checks of the policy string
+            if not args.aa:
+                raise
+            raise UserError(f"--aa {args.aa} is not an augmentation policy timm knows ({e or type(e).__name__}); "
+                            f"use e.g. rand-m9-mstd0.5-inc1 (the default) or '' for none") from None
     return eval_transform(args.input_size)
 
 
@@ -86,10 +111,12 @@ def eval_transform(input_size: int, normalize: bool = True) -> Callable:
 PRETRAIN_AUGS = ("none", "crop_fixed", "crop_rand", "crop_rand_color")
 
 
-def pretrain_transform(input_size: int, normalize: bool = True, aug: str = "crop_rand") -> Callable:
+def pretrain_transform(input_size: int, normalize: bool = True, aug: str = "crop_rand", hflip: float = 0.5,
+                       scale: Sequence[float] = PRETRAIN_SCALE) -> Callable:
     """MAE pre-training augmentation (paper Table 1e), then normalise (or uint8).
 
-    crop_rand (the reference): random resized crop, scale 0.2-1, bicubic, and horizontal flip;
+    crop_rand (the reference): random resized crop of `scale` of the area (0.2-1), bicubic, and horizontal
+    flip with probability `hflip` (0.5);
     crop_rand_color: the same, then color jitter (brightness, contrast, saturation 0.4, hue 0.1);
     crop_fixed: resize the short side to input_size / 0.875 (bicubic), random crop of input_size, flip;
     none: resize the short side to input_size / 0.875 (bicubic), center crop of input_size.
@@ -97,22 +124,22 @@ def pretrain_transform(input_size: int, normalize: bool = True, aug: str = "crop
     if aug not in PRETRAIN_AUGS:
         raise ValueError(f"pre-training augmentation must be one of {', '.join(PRETRAIN_AUGS)}, got {aug}")
     resize = transforms.Resize(int(input_size / 0.875), interpolation=BICUBIC)
+    crop = transforms.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC)
     steps = {
         "none": [resize, transforms.CenterCrop(input_size)],
-        "crop_fixed": [resize, transforms.RandomCrop(input_size), transforms.RandomHorizontalFlip()],
-        "crop_rand": [transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-                      transforms.RandomHorizontalFlip()],
-        "crop_rand_color": [transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-                            transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)],
+        "crop_fixed": [resize, transforms.RandomCrop(input_size), *_flip(hflip)],
+        "crop_rand": [crop, *_flip(hflip)],
+        "crop_rand_color": [crop, *_flip(hflip), transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)],
     }[aug]
     return _to_tensor(steps, normalize)
 
 
-def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = True) -> Callable:
-    """Linear-probe transforms: single-draw random resized crop + flip, or resize 256/224 + crop;
-    normalised, or uint8."""
+def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = True, hflip: float = 0.5,
+                       scale: Sequence[float] = LINPROBE_SCALE) -> Callable:
+    """Linear-probe transforms: single-draw random resized crop of `scale` of the area + flip with
+    probability `hflip`, or resize 256/224 + crop; normalised, or uint8."""
     if is_train:
-        return _to_tensor([RandomResizedCrop(input_size, interpolation=BICUBIC),
-                           transforms.RandomHorizontalFlip()], normalize)
+        return _to_tensor([RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC),
+                           *_flip(hflip)], normalize)
     return _to_tensor([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
                        transforms.CenterCrop(input_size)], normalize)

@@ -57,13 +57,20 @@ def reconstruct(model: torch.nn.Module, imgs: torch.Tensor, mask_ratio: float = 
 def to_uint8(panels: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> np.ndarray:
     """[N, 4, C, H, W] normalised panels -> one [N*H, 4*W, 3] uint8 grid (rows = images).
 
-    Removed patches of the 'masked' panel show as grey.
+    Removed patches of the 'masked' panel show as grey. The row of a grey original (its three channels
+    equal to within one grey level) is shown in grey: the model never saw colour there, and a cast in
+    the reconstruction would only show how its errors differ between channels, which the per-channel
+    de-normalisation (ImageNet mean and std) and norm_pix_loss's per-patch scale amplify.
     """
     mean_t = torch.tensor(mean).view(1, 1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, 1, -1, 1, 1)
     x = panels.detach().float().cpu()
     masked = x[:, 1]
     x = (x * std_t + mean_t).clamp(0, 1)
+    if x.shape[2] == 3:
+        original = x[:, 0]
+        grey = (original.amax(dim=1) - original.amin(dim=1)).amax(dim=(1, 2)) <= 1 / 255  # [N]
+        x[grey] = x[grey].mean(dim=2, keepdim=True).expand_as(x[grey])
     # grey for removed patches (they are exactly 0 in normalised space)
     removed = (masked == 0).all(dim=1, keepdim=True)
     x[:, 1] = torch.where(removed, torch.full_like(x[:, 1], 0.5), x[:, 1])

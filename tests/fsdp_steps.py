@@ -1,0 +1,134 @@
+"""Training steps under DDP and under FSDP (--fsdp), run by tests/test_sharding.py under torchrun.
+
+Every configuration starts from the same weights and sees the same global batches, split over the
+processes; masks come from each image's content (tests/ddp_pretrain_step.ContentMaskedMAE), so they do not
+depend on how the batch is split. Rank 0 writes what it saw to argv[1]:
+
+- ddp / fsdp / fsdp_accum / fsdp_ckpt: per-step losses (averaged over ranks) and the final full weights of
+  three steps with gradient clipping; fsdp_accum takes twice as many half batches with --accum_iter 2,
+  fsdp_ckpt adds activation checkpointing;
+- grad_norm_ddp / grad_norm_fsdp: the total gradient norm of the first batch;
+- optimizer_ddp / optimizer_fsdp: the saved optimizer state (torch's layout in both);
+- resumed / continued: weights after one more epoch, from a checkpoint reloaded into a new FSDP model and
+  from the model that never stopped;
+- bf16_loss: the first loss with FSDP's bf16 policy; local_bytes: every rank's shard sizes.
+The checkpoint goes to the folder argv[2].
+"""
+import argparse
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import util.misc as misc  # noqa: E402
+from ddp_pretrain_step import ContentMaskedMAE  # noqa: E402
+from util.distributed import all_gather_objects, all_reduce_mean  # noqa: E402
+from util.engine_loop import train_epoch  # noqa: E402
+from util.precision import NativeScalerWithGradNormCount, autocast, get_grad_norm_  # noqa: E402
+from util.resume import load_model, save_model  # noqa: E402
+from util.runner import wrap_model  # noqa: E402
+from util.sharding import full_state_dicts, local_state_bytes  # noqa: E402
+
+GLOBAL_BATCH, STEPS, CLIP = 8, 3, 0.5
+DEVICE = torch.device("cpu")
+
+
+def tiny_mae() -> ContentMaskedMAE:
+    """A two-block MAE (one decoder block) at 32 px with 8 px patches, seeded."""
+    torch.manual_seed(0)
+    return ContentMaskedMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
+                            decoder_depth=1, decoder_num_heads=2)
+
+
+def batches(epoch: int, split: int = 1):
+    """This rank's part of STEPS global batches (each cut into `split` micro-batches)."""
+    world, rank = misc.get_world_size(), misc.get_rank()
+    g = torch.Generator().manual_seed(100 + epoch)
+    out = []
+    for _ in range(STEPS):
+        images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+        n = GLOBAL_BATCH // world
+        local = images[rank * n:(rank + 1) * n]
+        out += [(chunk, torch.zeros(len(chunk))) for chunk in local.chunk(split)]
+    return out
+
+
+def train(model, optimizer, epoch: int, accum_iter: int = 1, amp: str = "none"):
+    """One 'epoch' of STEPS optimizer steps with clipping; returns the per-step losses averaged over ranks."""
+    losses = []
+
+    def compute_loss(samples, _targets):
+        loss = model(samples, mask_ratio=0.75)[0]
+        losses.append(loss.detach())
+        return loss
+
+    args = argparse.Namespace(accum_iter=accum_iter, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=2, amp=amp,
+                              print_freq=100)
+    train_epoch(model, batches(epoch, accum_iter), optimizer, DEVICE, epoch,
+                NativeScalerWithGradNormCount("cpu", enabled=False), compute_loss, args=args, clip_grad=CLIP)
+    per_step = torch.stack(losses).reshape(STEPS, accum_iter).mean(1)
+    return [float(all_reduce_mean(x)) for x in per_step]
+
+
+def build(fsdp: bool, checkpointing: bool = False, amp: str = "none"):
+    model = tiny_mae()
+    if checkpointing:
+        model.set_grad_checkpointing(True)
+    wrapped = wrap_model(model, DEVICE, True, compile=False, fsdp=fsdp, amp=amp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    return wrapped, model, optimizer
+
+
+def first_grad_norm(model) -> float:
+    images, _ = batches(0)[0]
+    model(images, mask_ratio=0.75)[0].backward()
+    norm = float(get_grad_norm_([p for p in model.parameters() if p.requires_grad]))
+    model.zero_grad(set_to_none=True)
+    return norm
+
+
+def main(out_path: str, checkpoint_dir: str) -> None:
+    run_args = argparse.Namespace(device="cpu", dist_url="env://", dist_on_itp=False, dist_timeout=5)
+    misc.init_distributed_mode(run_args)
+    results = {}
+    for name, fsdp, accum, ckpt in [("ddp", False, 1, False), ("fsdp", True, 1, False),
+                                    ("fsdp_accum", True, 2, False), ("fsdp_ckpt", True, 1, True)]:
+        model, plain, optimizer = build(fsdp, ckpt)
+        if name in ("ddp", "fsdp"):
+            results[f"grad_norm_{name}"] = first_grad_norm(model)
+        results[f"losses_{name}"] = train(model, optimizer, 0, accum)
+        weights, optim_state = copy.deepcopy(full_state_dicts(plain, optimizer))  # not views of live tensors
+        results[f"weights_{name}"] = weights
+        if name in ("ddp", "fsdp"):
+            results[f"optimizer_{name}"] = optim_state
+        if name == "fsdp":
+            grads_model, _, grads_opt = build(True)
+            images, _ = batches(0)[0]
+            grads_model(images, mask_ratio=0.75)[0].backward()
+            results["local_bytes"] = all_gather_objects({**local_state_bytes(plain, optimizer),
+                                                          "grads": local_state_bytes(grads_model, grads_opt)["grads"]})
+            # save (gathered), reload into a new sharded model, and continue: as if never stopped
+            ckpt_args = argparse.Namespace(output_dir=checkpoint_dir, input_size=32,
+                                           resume=os.path.join(checkpoint_dir, "checkpoint-0.pth"), eval=False)
+            save_model(ckpt_args, 0, model, plain, optimizer, None)
+            torch.distributed.barrier()
+            model2, plain2, optimizer2 = build(True)
+            load_model(ckpt_args, plain2, optimizer2, None)
+            train(model2, optimizer2, 1)
+            train(model, optimizer, 1)
+            results["resumed"] = full_state_dicts(plain2, optimizer2)[0]
+            results["continued"] = full_state_dicts(plain, optimizer)[0]
+    model, _, optimizer = build(True, amp="bf16")
+    with autocast(DEVICE, "bf16"):
+        results["bf16_loss"] = float(all_reduce_mean(model(batches(0)[0][0], mask_ratio=0.75)[0].detach().float()))
+    if misc.get_rank() == 0:
+        torch.save(results, out_path)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
