@@ -117,7 +117,11 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
         if torch.is_tensor(targets):
             targets = targets.to(device, non_blocking=True)
         update_grad = (data_iter_step + 1) % accum_iter == 0
-        with gradient_sync(model, update_grad):
+        # The epoch's last micro-step reduces even without an update: FSDP2 keeps no-sync gradients outside
+        # param.grad, where zero_grad() would miss them; reduced, they land in param.grad and the next
+        # epoch's zero_grad() discards them, as DDP's leftovers always were.
+        sync = update_grad or data_iter_step + 1 == num_steps
+        with gradient_sync(model, sync):
             with autocast(device, amp):
                 loss = compute_loss(samples, targets)
             loss_scaler(loss / accum_iter, optimizer, clip_grad=clip_grad or None, parameters=clip_params,
