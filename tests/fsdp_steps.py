@@ -13,14 +13,16 @@ depend on how the batch is split. Rank 0 writes what it saw to argv[1]:
   from the model that never stopped;
 - ddp_odd / fsdp_odd: two epochs of three batches with --accum_iter 2, so each epoch ends on a micro-step
   that does not update (its gradients must not reach the next epoch's first update);
-- bf16_loss: the first loss with FSDP's bf16 policy; local_bytes: every rank's shard sizes.
+- bf16_loss: the first loss with FSDP's bf16 policy; bf16_block_inputs_fsdp / _plain: the dtypes every
+  block received in that forward and in the same forward under plain autocast; local_bytes: every rank's
+  shard sizes.
 The checkpoint goes to the folder argv[2].
 """
 import argparse
 import copy
 import os
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -96,6 +98,18 @@ def first_grad_norm(model) -> float:
     return norm
 
 
+def block_input_dtypes(model, images: torch.Tensor) -> List[str]:
+    """The dtype of every block's input in one bf16 autocast forward (after FSDP's own pre-forward hooks)."""
+    seen: List[str] = []
+    hooks = [blk.register_forward_pre_hook(lambda _m, args: seen.append(str(args[0].dtype)))
+             for blk in [*model.blocks, *model.decoder_blocks]]
+    with torch.no_grad(), autocast(DEVICE, "bf16"):
+        model(images, mask_ratio=0.75)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
 def main(out_path: str, checkpoint_dir: str) -> None:
     run_args = argparse.Namespace(device="cpu", dist_url="env://", dist_on_itp=False, dist_timeout=5)
     misc.init_distributed_mode(run_args)
@@ -131,9 +145,14 @@ def main(out_path: str, checkpoint_dir: str) -> None:
         model, plain, optimizer = build(fsdp)
         results[f"losses_{name}"] = [x for epoch in range(2) for x in train(model, optimizer, epoch, 2, split=1)]
         results[f"weights_{name}"] = copy.deepcopy(full_state_dicts(plain, optimizer)[0])
-    model, _, optimizer = build(True, amp="bf16")
+    model, plain, optimizer = build(True, amp="bf16")
     with autocast(DEVICE, "bf16"):
         results["bf16_loss"] = float(all_reduce_mean(model(batches(0)[0][0], mask_ratio=0.75)[0].detach().float()))
+    with autocast(DEVICE, "bf16"):
+        plain_loss = tiny_mae()(batches(0)[0][0], mask_ratio=0.75)[0].detach().float()
+    results["bf16_loss_plain"] = float(all_reduce_mean(plain_loss))
+    results["bf16_block_inputs_fsdp"] = block_input_dtypes(plain, batches(0)[0][0])
+    results["bf16_block_inputs_plain"] = block_input_dtypes(tiny_mae(), batches(0)[0][0])
     if misc.get_rank() == 0:
         torch.save(results, out_path)
     torch.distributed.destroy_process_group()

@@ -104,6 +104,10 @@ def test_two_process_fsdp_equals_ddp_accumulation_and_resume(tmp_path):
     for k in r["continued"]:
         assert torch.equal(r["resumed"][k], r["continued"][k]), k
     assert r["bf16_loss"] == pytest.approx(r["losses_ddp"][0], rel=1e-2)
+    # FSDP's bf16 policy computes as plain autocast does: the residual stream stays fp32 (every block gets fp32
+    # inputs; blocks' LayerNorms and the root keep fp32 parameters), and the loss is the same
+    assert r["bf16_loss"] == pytest.approx(r["bf16_loss_plain"], rel=1e-6)
+    assert r["bf16_block_inputs_fsdp"] == r["bf16_block_inputs_plain"] == ["torch.float32"] * 3
     # each process holds half: 4 bytes per parameter, 4 per gradient, 8 of AdamW moments, over 2 processes
     total = sum(v.numel() for v in ddp.values())
     trainable = total - ddp["pos_embed"].numel() - ddp["decoder_pos_embed"].numel()
