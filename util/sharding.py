@@ -5,8 +5,9 @@ With `--fsdp` every transformer block, then the whole model, is wrapped with
 every parameter, of its gradient and of the AdamW moments, and a block's full parameters exist only while
 that block runs (all-gathered before, freed after). Mixed precision goes through FSDP's own policy: the
 blocks' parameters are all-gathered in the --amp dtype, their LayerNorms' and the root's (embeddings,
-tokens, position tables, norms, head: few parameters) in fp32; gradients are reduced in fp32 and the sharded master weights stay
-fp32. Nobody casts forward inputs but autocast, so the residual stream stays fp32 as without --fsdp.
+tokens, position tables, norms, head: few parameters) in fp32; gradients are reduced in fp32 and the
+sharded master weights stay fp32. Nobody casts forward inputs but autocast, so the residual stream stays
+fp32 as without --fsdp.
 
 Checkpoints keep the usual single-file format: the model as a full (unsharded) state dict, and the
 optimizer as the full state dict in torch's own layout (integer parameter ids, as `optimizer.state_dict()`
