@@ -46,8 +46,8 @@ import models_vit
 import util.perf as perf
 import util.dali as dali
 from util.datasets import ImageFolder, train_loader
-from util.distributed import (all_gather_objects, destroy_process_group, get_world_size, init_distributed_mode, init_single_process_group,
-                              is_main_process)
+from util.distributed import (all_gather_objects, destroy_process_group, get_world_size, init_distributed_mode,
+                              init_single_process_group, is_main_process)
 from util.errors import UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
 from util.precision import NativeScalerWithGradNormCount, autocast, cpu_has_native_bf16, resolve_amp
@@ -440,6 +440,12 @@ def _main(argv=None) -> int:
             return 2
         if args.amp == "auto" and device.type == "cuda":
             args.amp = "bf16"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (not args.fsdp or args.baseline or args.compare):
+        # without --fsdp the processes would train independently (no DDP here), not as one data-parallel run
+        if os.environ.get("RANK", "0") == "0":
+            print("error: several processes need --fsdp (and no --baseline / --compare): there is no DDP here",
+                  file=sys.stderr)
+        return 2
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: one process per GPU
         dist_args = argparse.Namespace(device=args.device, dist_url="env://", dist_on_itp=False)
         init_distributed_mode(dist_args)
@@ -469,9 +475,11 @@ def _main(argv=None) -> int:
     for r in results:
         # fp16 runs are set against the bf16 matmul peak: the same 16-bit tensor-core rate
         peak = peaks.get("peak_fp32_tflops" if r["amp"] == "none" else "peak_bf16_tflops")
-        r["utilisation"] = r["tflops"] / peak if peak else None
+        # tflops sums every process's; the peak is one device's
+        r["utilisation"] = r["tflops"] / (peak * r["processes"]) if peak else None
         kind = "fp32" if r["amp"] == "none" else "16-bit"
-        util_s = f", {100 * r['utilisation']:.0f}% of the {kind} peak" if peak else ""
+        per = f" x {r['processes']}" if r["processes"] > 1 else ""
+        util_s = f", {100 * r['utilisation']:.0f}% of the {kind} peak{per}" if peak else ""
         print(f"{r['config']:>8}: {r['img_s']:8.1f} img/s, {r['tflops']:7.2f} TFLOP/s{util_s}, "
               f"peak mem {r['mem_gib']:.2f} GiB  (amp {r['amp']}, attn {r['attn']}, patch_embed "
               f"{r['patch_embed']}, optimizer {r['optimizer']}, compile {r['compile']}, fsdp {r['fsdp']}, "

@@ -7,13 +7,30 @@ References:
 from functools import partial
 from typing import Callable, Dict
 
+import torch
 import torch.nn as nn
 import timm.models.vision_transformer
+from torch.utils.checkpoint import checkpoint
 
 from util.layers import patch_embed_layer, use_attention
 from util.registry import lookup, names, register
 
 MODELS: Dict[str, Callable] = {}
+
+
+class Blocks(nn.Sequential):
+    """The transformer blocks in order; with `grad_checkpointing` each block is checkpointed, non-reentrant."""
+
+    grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x through the blocks; with grad checkpointing each block keeps only its input for the backward."""
+        for blk in self:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
 
 
 class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
@@ -31,7 +48,15 @@ class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
         kwargs.setdefault("fc_norm", None)
         kwargs.setdefault("embed_layer", patch_embed_layer(patch_embed))
         super().__init__(global_pool="avg" if global_pool else "token", **kwargs)
+        self.blocks = Blocks(*self.blocks)  # same children, same state-dict keys
         use_attention(self.blocks, attn)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block, non-reentrant whatever timm's version and its
+        TIMM_REENTRANT_CKPT (timm's own checkpoint_seq path stays off)."""
+        super().set_grad_checkpointing(enable)
+        self.grad_checkpointing = False
+        self.blocks.grad_checkpointing = enable
 
     def train_last_blocks(self, k: int) -> None:
         """Partial fine-tuning (MAE paper, Fig. 9): only the last k blocks, the final norm / fc_norm and the

@@ -11,13 +11,18 @@ depend on how the batch is split. Rank 0 writes what it saw to argv[1]:
 - optimizer_ddp / optimizer_fsdp: the saved optimizer state (torch's layout in both);
 - resumed / continued: weights after one more epoch, from a checkpoint reloaded into a new FSDP model and
   from the model that never stopped;
-- bf16_loss: the first loss with FSDP's bf16 policy; local_bytes: every rank's shard sizes.
+- ddp_odd / fsdp_odd: two epochs of three batches with --accum_iter 2, so each epoch ends on a micro-step
+  that does not update (its gradients must not reach the next epoch's first update);
+- bf16_loss: the first loss with FSDP's bf16 policy; bf16_block_inputs_fsdp / _plain: the dtypes every
+  block received in that forward and in the same forward under plain autocast; local_bytes: every rank's
+  shard sizes.
 The checkpoint goes to the folder argv[2].
 """
 import argparse
 import copy
 import os
 import sys
+from typing import List, Optional
 
 import torch
 
@@ -57,8 +62,10 @@ def batches(epoch: int, split: int = 1):
     return out
 
 
-def train(model, optimizer, epoch: int, accum_iter: int = 1, amp: str = "none"):
-    """One 'epoch' of STEPS optimizer steps with clipping; returns the per-step losses averaged over ranks."""
+def train(model, optimizer, epoch: int, accum_iter: int = 1, amp: str = "none", split: Optional[int] = None):
+    """One 'epoch' of STEPS global batches, each cut into `split` (default accum_iter) micro-batches, with
+    clipping; returns the per-global-batch losses averaged over ranks."""
+    split = accum_iter if split is None else split
     losses = []
 
     def compute_loss(samples, _targets):
@@ -68,9 +75,9 @@ def train(model, optimizer, epoch: int, accum_iter: int = 1, amp: str = "none"):
 
     args = argparse.Namespace(accum_iter=accum_iter, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=2, amp=amp,
                               print_freq=100)
-    train_epoch(model, batches(epoch, accum_iter), optimizer, DEVICE, epoch,
+    train_epoch(model, batches(epoch, split), optimizer, DEVICE, epoch,
                 NativeScalerWithGradNormCount("cpu", enabled=False), compute_loss, args=args, clip_grad=CLIP)
-    per_step = torch.stack(losses).reshape(STEPS, accum_iter).mean(1)
+    per_step = torch.stack(losses).reshape(STEPS, split).mean(1)
     return [float(all_reduce_mean(x)) for x in per_step]
 
 
@@ -89,6 +96,18 @@ def first_grad_norm(model) -> float:
     norm = float(get_grad_norm_([p for p in model.parameters() if p.requires_grad]))
     model.zero_grad(set_to_none=True)
     return norm
+
+
+def block_input_dtypes(model, images: torch.Tensor) -> List[str]:
+    """The dtype of every block's input in one bf16 autocast forward (after FSDP's own pre-forward hooks)."""
+    seen: List[str] = []
+    hooks = [blk.register_forward_pre_hook(lambda _m, args: seen.append(str(args[0].dtype)))
+             for blk in [*model.blocks, *model.decoder_blocks]]
+    with torch.no_grad(), autocast(DEVICE, "bf16"):
+        model(images, mask_ratio=0.75)
+    for hook in hooks:
+        hook.remove()
+    return seen
 
 
 def main(out_path: str, checkpoint_dir: str) -> None:
@@ -122,9 +141,18 @@ def main(out_path: str, checkpoint_dir: str) -> None:
             train(model, optimizer, 1)
             results["resumed"] = full_state_dicts(plain2, optimizer2)[0]
             results["continued"] = full_state_dicts(plain, optimizer)[0]
-    model, _, optimizer = build(True, amp="bf16")
+    for name, fsdp in [("ddp_odd", False), ("fsdp_odd", True)]:
+        model, plain, optimizer = build(fsdp)
+        results[f"losses_{name}"] = [x for epoch in range(2) for x in train(model, optimizer, epoch, 2, split=1)]
+        results[f"weights_{name}"] = copy.deepcopy(full_state_dicts(plain, optimizer)[0])
+    model, plain, optimizer = build(True, amp="bf16")
     with autocast(DEVICE, "bf16"):
         results["bf16_loss"] = float(all_reduce_mean(model(batches(0)[0][0], mask_ratio=0.75)[0].detach().float()))
+    with autocast(DEVICE, "bf16"):
+        plain_loss = tiny_mae()(batches(0)[0][0], mask_ratio=0.75)[0].detach().float()
+    results["bf16_loss_plain"] = float(all_reduce_mean(plain_loss))
+    results["bf16_block_inputs_fsdp"] = block_input_dtypes(plain, batches(0)[0][0])
+    results["bf16_block_inputs_plain"] = block_input_dtypes(tiny_mae(), batches(0)[0][0])
     if misc.get_rank() == 0:
         torch.save(results, out_path)
     torch.distributed.destroy_process_group()

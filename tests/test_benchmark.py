@@ -121,3 +121,12 @@ def test_fsdp_and_grad_checkpointing_report_what_each_process_holds(tmp_path, ca
     assert p["grads_gib"] * 2 ** 30 == pytest.approx(4 * trainable)
     assert p["optimizer_gib"] * 2 ** 30 == pytest.approx(8 * trainable)
     assert r["processes"] == 1 and r["mem_gib"] > 0 and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("flags", [[], ["--fsdp", "--compare"]])
+def test_several_processes_without_fsdp_are_a_one_line_error(flags, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, _, stderr = _run(["--device", "cpu", "--model", "mae_vit_tiny_patch16", "--input_size", 32, *flags], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("error: several processes need --fsdp")
+    assert not torch.distributed.is_initialized()

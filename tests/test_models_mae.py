@@ -119,16 +119,23 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
         torch.manual_seed(0)
         m = models_mae.mae_vit_tiny_patch16(img_size=32, depth=2, decoder_depth=2)
         m.set_grad_checkpointing(checkpointing)
+        blocks = [*m.blocks, *m.decoder_blocks]
+        calls = [0] * len(blocks)
+        for i, blk in enumerate(blocks):
+            blk.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         torch.manual_seed(1)
         loss = m(torch.randn(3, 3, 32, 32))[0]  # masks drawn from the seeded stream
         loss.backward()
-        return loss, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        return loss, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, calls
 
-    loss_a, a = grads(False)
-    loss_b, b = grads(True)
+    loss_a, a, calls_a = grads(False)
+    loss_b, b, calls_b = grads(True)
     assert torch.equal(loss_a, loss_b) and a.keys() == b.keys() and len(a) > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # checkpointing is not a no-op: every encoder and decoder block is entered again in the
+    # backward (counted by a pre-hook: the recomputation stops early, before forward hooks)
+    assert calls_a == [1] * 4 and calls_b == [2] * 4
 
 
 def test_aliases_are_the_full_constructors():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 import models_mae
 import models_vit
@@ -54,18 +55,34 @@ def test_reference_architectures(name):
     assert norms and all(mod.eps == 1e-6 for mod in norms)
 
 
-def test_grad_checkpointing_gives_the_same_gradients_with_drop_path():
+def test_grad_checkpointing_gives_the_same_gradients_with_drop_path(monkeypatch):
+    reentrant = []
+
+    def spy(*args, **kwargs):
+        reentrant.append(kwargs.get("use_reentrant"))
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(models_vit, "checkpoint", spy)
+    monkeypatch.setenv("TIMM_REENTRANT_CKPT", "1")  # timm's own path would follow it; ours does not use it
+
     def grads(checkpointing):
         torch.manual_seed(0)
         m = models_vit.vit_tiny_patch16(img_size=32, depth=3, num_classes=4, drop_path_rate=0.5)
         m.set_grad_checkpointing(checkpointing)
+        calls = [0] * len(m.blocks)
+        for i, blk in enumerate(m.blocks):
+            blk.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         torch.manual_seed(1)  # drop path draws from this stream; the recomputation replays it
         m(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
-        return {n: p.grad for n, p in m.named_parameters()}
+        return {n: p.grad for n, p in m.named_parameters()}, calls
 
-    a, b = grads(False), grads(True)
+    (a, calls_a), (b, calls_b) = grads(False), grads(True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # checkpointing is not a no-op: each block is entered again in the backward (a pre-hook:
+    # the recomputation stops early, before forward hooks), through non-reentrant checkpoints
+    assert calls_a == [1, 1, 1] and calls_b == [2, 2, 2]
+    assert reentrant == [False] * 3
 
 
 def test_global_pool_mean_of_patch_tokens_then_fc_norm():

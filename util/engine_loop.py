@@ -23,12 +23,6 @@ from util.sharding import gradient_sync
 AfterStep = Callable[[int, MetricLogger, Callable[[], None]], None]
 
 
-def maybe_no_sync(model: torch.nn.Module, update_grad: bool):
-    """No gradient reduction on accumulation micro-steps (DDP's no_sync(), FSDP's
-    set_requires_gradient_sync(False)): gradients are reduced only at the step that updates."""
-    return gradient_sync(model, update_grad)
-
-
 class LossWatch:
     """Checks losses for NaN/inf in batches, so that no step waits for the device.
 
@@ -123,7 +117,11 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
         if torch.is_tensor(targets):
             targets = targets.to(device, non_blocking=True)
         update_grad = (data_iter_step + 1) % accum_iter == 0
-        with maybe_no_sync(model, update_grad):
+        # The epoch's last micro-step reduces even without an update: FSDP2 keeps no-sync gradients outside
+        # param.grad, where zero_grad() would miss them; reduced, they land in param.grad and the next
+        # epoch's zero_grad() discards them, as DDP's leftovers always were.
+        sync = update_grad or data_iter_step + 1 == num_steps
+        with gradient_sync(model, sync):
             with autocast(device, amp):
                 loss = compute_loss(samples, targets)
             loss_scaler(loss / accum_iter, optimizer, clip_grad=clip_grad or None, parameters=clip_params,

@@ -3,9 +3,11 @@
 With `--fsdp` every transformer block, then the whole model, is wrapped with
 `torch.distributed.fsdp.fully_shard` on a 1-D device mesh over all processes: each process keeps 1/N of
 every parameter, of its gradient and of the AdamW moments, and a block's full parameters exist only while
-that block runs (all-gathered before, freed after). Mixed precision goes through FSDP's own policy:
-parameters are all-gathered and computed in the --amp dtype, gradients are reduced in fp32 and the
-sharded master weights stay fp32.
+that block runs (all-gathered before, freed after). Mixed precision goes through FSDP's own policy: the
+blocks' parameters are all-gathered in the --amp dtype, their LayerNorms' and the root's (embeddings,
+tokens, position tables, norms, head: few parameters) in fp32; gradients are reduced in fp32 and the
+sharded master weights stay fp32. Nobody casts forward inputs but autocast, so the residual stream stays
+fp32 as without --fsdp.
 
 Checkpoints keep the usual single-file format: the model as a full (unsharded) state dict, and the
 optimizer as the full state dict in torch's own layout (integer parameter ids, as `optimizer.state_dict()`
@@ -42,19 +44,31 @@ def transformer_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
     return [*getattr(model, "blocks", []), *getattr(model, "decoder_blocks", [])]
 
 
+def layer_norms(block: torch.nn.Module) -> List[torch.nn.Module]:
+    """A block's LayerNorms with parameters: fp32 units of their own inside the block's unit (see shard_model)."""
+    return [m for m in block.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
+
+
 def shard_model(model: torch.nn.Module, device: torch.device, amp: str) -> torch.nn.Module:
     """fully_shard every transformer block, then the root, on a 1-D mesh over all processes; returns `model`.
 
-    The root unit holds what is left (patch embedding, tokens, position tables, norms, decoder embedding
-    and prediction, head). Forward inputs are not cast by FSDP (cast_forward_inputs=False): autocast does
-    the casting, as without --fsdp, so the residual stream, the loss and its pixel targets stay fp32.
+    Blocks gather their parameters in the --amp dtype, except their LayerNorms, which are fp32 units of
+    their own (a LayerNorm takes the fp32 residual stream: CPU autocast does not cast its weights, and
+    under CUDA autocast it runs in fp32 anyway). The root unit, which holds what is left (patch embedding,
+    tokens, position tables, final norms, decoder embedding and prediction, head), keeps fp32 too, so
+    `patch_embed(x) + pos_embed` is fp32 as under plain autocast. Forward inputs are not cast by FSDP
+    (cast_forward_inputs=False): autocast does the casting, as without --fsdp, so the residual stream,
+    the loss and its pixel targets stay fp32, and the matmuls run in the --amp dtype either way.
     """
     mesh = init_device_mesh(device.type, (get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=AMP_DTYPES[amp], reduce_dtype=torch.float32,
-                                  cast_forward_inputs=False)
+    block_policy = MixedPrecisionPolicy(param_dtype=AMP_DTYPES[amp], reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
+    root_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        for norm in layer_norms(block):
+            fully_shard(norm, mesh=mesh, mp_policy=root_policy)
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
     return model
 
 
