@@ -65,6 +65,17 @@ def test_files_labels_and_order_are_the_torch_loaders(cls_data):
         assert got.tolist() == labels and len(loader) == 3
 
 
+def test_a_relative_data_path_works(monkeypatch, cls_data):
+    # DALI resolves a file list's entries relative to the list's (temporary) folder: the list holds absolute paths
+    monkeypatch.chdir(os.path.dirname(cls_data))
+    dataset = ImageFolder(os.path.join(os.path.basename(cls_data), "train"))
+    assert not os.path.isabs(dataset.samples[0][0])
+    loader = dali.dali_train_loader(dataset, dali.pretrain_aug(32), 4, 1, 0, CPU)
+    loader.sampler.set_epoch(0)
+    images, labels = _batches(loader)
+    assert len(images) == 12 and labels.tolist() == loader.files()[1]
+
+
 def test_training_shards_are_disjoint_and_cover_the_set(cls_data):
     dataset = ImageFolder(os.path.join(cls_data, "train"))
     shards = []

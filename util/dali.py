@@ -386,8 +386,9 @@ class PipelineFactory:
 
     def build(self, files: Sequence[str], labels: Sequence[int], seed: int) -> Any:
         """A built pipeline over `files` (in this order) with this seed."""
+        # absolute paths: DALI resolves the list's entries relative to the list's own (temporary) folder
         with open(self.file_list, "w", encoding="utf-8") as f:
-            f.writelines(f"{path} {label}\n" for path, label in zip(files, labels))
+            f.writelines(f"{os.path.abspath(path)} {label}\n" for path, label in zip(files, labels))
         if self._serialized is None:
             pipe = define_pipeline(self.file_list, self.aug, self.batch_size, self.num_threads, self.device_id,
                                    seed)
