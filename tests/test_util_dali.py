@@ -76,6 +76,16 @@ def test_a_relative_data_path_works(monkeypatch, cls_data):
     assert len(images) == 12 and labels.tolist() == loader.files()[1]
 
 
+def test_rebuilt_pipelines_keep_the_first_builds_executor(tmp_path):
+    # Pipeline.deserialize alone gives DALI's synchronous executor
+    Image.new("RGB", (48, 48), (1, 2, 3)).save(tmp_path / "a.png")
+    factory = dali.PipelineFactory(dali.pretrain_aug(32), 2, 1, None)
+    flags = ("exec_pipelined", "exec_async", "exec_dynamic")
+    first, again = (factory.build([str(tmp_path / "a.png")] * 2, [0, 0], seed=s) for s in (0, 1))
+    assert first.exec_pipelined and first.exec_async
+    assert {k: getattr(again, k) for k in flags} == {k: getattr(first, k) for k in flags}
+
+
 def test_training_shards_are_disjoint_and_cover_the_set(cls_data):
     dataset = ImageFolder(os.path.join(cls_data, "train"))
     shards = []

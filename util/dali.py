@@ -383,6 +383,7 @@ class PipelineFactory:
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self.file_list = os.path.join(self._dir, "files.txt")
         self._serialized: Optional[bytes] = None
+        self._executor: Dict[str, bool] = {}
 
     def build(self, files: Sequence[str], labels: Sequence[int], seed: int) -> Any:
         """A built pipeline over `files` (in this order) with this seed."""
@@ -393,12 +394,14 @@ class PipelineFactory:
             pipe = define_pipeline(self.file_list, self.aug, self.batch_size, self.num_threads, self.device_id,
                                    seed)
             self._serialized = pipe.serialize()
+            # deserialize falls back to the synchronous executor unless told otherwise: keep the first build's
+            self._executor = {k: bool(getattr(pipe, k)) for k in ("exec_pipelined", "exec_async", "exec_dynamic")}
             return pipe
         from nvidia.dali import Pipeline
 
         pipe = Pipeline.deserialize(serialized_pipeline=self._serialized, batch_size=self.batch_size,
                                     num_threads=max(1, self.num_threads), device_id=self.device_id, seed=seed,
-                                    prefetch_queue_depth=2)
+                                    prefetch_queue_depth=2, **self._executor)
         pipe.build()
         return pipe
 
