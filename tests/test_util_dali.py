@@ -255,6 +255,54 @@ def test_corrupt_and_truncated_jpegs_are_skipped_or_stop_under_strict(tmp_path, 
         dali.dali_train_loader(ImageFolder(root, strict=True), dali.pretrain_aug(32), 2, 1, 0, CPU)
 
 
+def _undecodable_jpeg(path, like):
+    """A JPEG with a bogus Huffman table: it passes the up-front check (header and end marker) but neither
+    libjpeg (DALI) nor PIL can decode it."""
+    data = open(like, "rb").read()
+    dht = data.index(b"\xff\xc4")
+    with open(path, "wb") as f:
+        f.write(data[:dht + 5] + b"\xff" * 16 + data[dht + 21:])
+
+
+@pytest.mark.parametrize("name, batch", [("a.jpg", 0), ("z.jpg", 2)])
+def test_a_file_dali_cannot_decode_stops_with_one_line_naming_it(tmp_path, name, batch):
+    root = tmp_path / "d" / "class0"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem in "bcde":
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / f"{stem}.jpg", quality=90)
+    _undecodable_jpeg(root / name, root / "b.jpg")
+    dataset = ImageFolder(str(tmp_path / "d"))
+    assert dali.scan_images(dataset, 1) == []  # the up-front check lets it through
+    loader = dali.DaliLoader(dataset, SequentialSampler(dataset), dali.eval_aug(32), 2, 1, CPU, 0, False)
+    assert loader.files()[0].index(str(root / name)) // 2 == batch
+    got = []
+    with pytest.raises(DataError) as info:  # batch 0 fails in the iterator's constructor, a later one in next()
+        for images, _ in loader:
+            got.append(images)
+    assert len(got) == batch
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"DALI could not decode {root / name} (") and "--data_loader torch" in message
+
+
+def test_errors_other_than_decoding_pass_through_unchanged(monkeypatch, cls_data):
+    import nvidia.dali.plugin.pytorch as dali_torch
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Critical error in pipeline: CUDA out of memory in operator fn.resize")
+
+    monkeypatch.setattr(dali_torch, "DALIGenericIterator", Failing)
+    dataset = ImageFolder(os.path.join(cls_data, "val"))
+    loader = dali.DaliLoader(dataset, SequentialSampler(dataset), dali.eval_aug(32), 4, 1, CPU, 0, False)
+    with pytest.raises(RuntimeError, match="^Critical error in pipeline: CUDA out of memory"):
+        next(iter(loader))
+    assert dali.is_decode_error(RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image`\nencountered"))
+    assert not dali.is_decode_error(RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image`: "
+                                                 "CUDA out of memory"))
+
+
 def test_strict_data_stops_the_entry_point(tmp_path, cls_data):
     import shutil
     data = tmp_path / "data"

@@ -51,6 +51,7 @@ __all__ = ["LOADERS", "DaliAug", "DaliLoader", "dali_available", "dali_eval_load
            "require_dali", "scan_images"]
 
 LOADERS = ("torch", "dali")
+PREFETCH = 2  # batches a pipeline runs ahead
 
 
 def dali_available() -> bool:
@@ -194,6 +195,16 @@ def check_image(path: str) -> Optional[str]:
                     f.seek(-2, os.SEEK_END)
                     if f.read(2) == b"\xff\xd9":
                         return None
+            img.load()
+        return None
+    except _READ_ERRORS as e:
+        return str(e) or type(e).__name__
+
+
+def decode_error(path: str) -> Optional[str]:
+    """None when PIL decodes `path` in full, else why not."""
+    try:
+        with Image.open(path) as img:
             img.load()
         return None
     except _READ_ERRORS as e:
@@ -364,7 +375,7 @@ def define_pipeline(file_list: str, aug: DaliAug, batch_size: int, num_threads: 
     with warnings.catch_warnings():  # DALI's own augmentation library still calls its deprecated aliases
         warnings.simplefilter("ignore", DeprecationWarning)
         pipe = pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
-                        prefetch_queue_depth=2)
+                        prefetch_queue_depth=PREFETCH)
         pipe.build()
     return pipe
 
@@ -401,13 +412,39 @@ class PipelineFactory:
 
         pipe = Pipeline.deserialize(serialized_pipeline=self._serialized, batch_size=self.batch_size,
                                     num_threads=max(1, self.num_threads), device_id=self.device_id, seed=seed,
-                                    prefetch_queue_depth=2, **self._executor)
+                                    prefetch_queue_depth=PREFETCH, **self._executor)
         pipe.build()
         return pipe
 
 
 # ----------------------------------------------------------------------------
 # the loader
+
+_DECODE_ERROR = re.compile(r"Failed to decode|fn\.decoders\.image")
+_DALI_NAMED = re.compile(r"Failed to decode sample #\d+ : (.+)")
+
+
+def is_decode_error(e: BaseException) -> bool:
+    """Whether a DALI pipeline error comes from its image decoder (and not, say, a lack of memory)."""
+    text = str(e)
+    return bool(_DECODE_ERROR.search(text)) and "out of memory" not in text.lower()
+
+
+def decode_failure(e: BaseException, files: Sequence[str], step: int, batch_size: int) -> str:
+    """One line naming the file DALI could not decode at batch `step`: found by decoding that batch's files
+    (and the prefetched ones) in full with PIL, else the one DALI names, else the batch's first few."""
+    window = files[step * batch_size:(step + 1 + PREFETCH) * batch_size]
+    for path in window:
+        err = decode_error(path)
+        if err is not None:
+            return f"DALI could not decode {path} ({err[:200]}); remove or replace the file, or use --data_loader torch"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = next((m.group(1) for m in map(_DALI_NAMED.search, lines) if m), None)
+    batch = files[step * batch_size:(step + 1) * batch_size]
+    where = named or f"one of {', '.join(batch[:4])}{', ...' if len(batch) > 4 else ''}"
+    reason = next((line for line in lines if "Failed to decode" in line), lines[-1] if lines else type(e).__name__)
+    return f"DALI could not decode {where} ({reason[:200]}); remove or replace the file, or use --data_loader torch"
+
 
 class DaliLoader:
     """(images, labels) batches from a DALI pipeline, with the DataLoader attributes the training loop uses.
@@ -448,27 +485,25 @@ class DaliLoader:
 
         epoch = getattr(self.sampler, "epoch", 0)
         pipe = self._factory.build(files, labels, epoch_seed(self.seed, get_rank(), epoch))
-        batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=False,
-                                      last_batch_policy=LastBatchPolicy.PARTIAL)
+        batches = None
         step = 0
         try:
             while True:
                 try:
+                    if batches is None:  # inside the try: the constructor already runs the first batch
+                        batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
+                                                      auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL)
                     out = next(batches)[0]
                 except StopIteration:
                     return
                 except RuntimeError as e:
-                    batch = files[step * self.batch_size:(step + 1) * self.batch_size]
-                    culprit = next((p for p in batch if check_image(p) is not None), None)
-                    where = culprit or f"one of {', '.join(batch[:4])}{', ...' if len(batch) > 4 else ''}"
-                    last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-                    raise DataError(f"DALI could not decode {where} ({last[0].strip()[:200]}); remove or replace "
-                                    f"the file, or use --data_loader torch") from None
+                    if not is_decode_error(e):
+                        raise
+                    raise DataError(decode_failure(e, files, step, self.batch_size)) from None
                 step += 1
                 yield out["images"], out["labels"].view(-1).long()
         finally:
             del batches, pipe
-
 
 def dali_train_loader(dataset: ImageFolder, aug: DaliAug, batch_size: int, num_threads: int, seed: int,
                       device: torch.device) -> DaliLoader:
