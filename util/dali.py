@@ -12,7 +12,8 @@ loaders of util/datasets.py; only decoding and augmentation move into a DALI pip
 A pipeline is built per epoch over that epoch's file list (this rank's shard of the epoch's shuffle)
 with a seed drawn from (--seed, rank, epoch), so an epoch's augmentation depends on nothing before it.
 DALI stops at an unreadable file, so the file list is checked once before the first epoch
-(`scan_images`) and bad files are handled as the torch loader handles them. On CPU (`--device cpu`) the
+(`scan_images`) and the bad files it finds are handled as the torch loader handles them; a file that
+passes the check but that DALI cannot decode stops the run with one line naming it. On CPU (`--device cpu`) the
 pipelines run DALI's CPU operators. NVIDIA DALI is optional (requirements-dali.txt) and is imported only
 when a DALI loader is built.
 
