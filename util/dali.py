@@ -119,8 +119,8 @@ def pretrain_aug(input_size: int, aug: str = "crop_rand", hflip: float = 0.5,
 
 def linprobe_aug(is_train: bool, input_size: int, hflip: float = 0.5,
                  scale: Sequence[float] = LINPROBE_SCALE) -> DaliAug:
-    """linprobe_transform for DALI: one crop draw (no retries; DALI clips an oversized draw), or resize
-    input_size * 256 / 224 and centre crop."""
+    """linprobe_transform for DALI: one crop draw (no retries; a draw too large for the image falls back to
+    the whole image, its aspect clamped to the ratio range), or resize input_size * 256 / 224 and centre crop."""
     if is_train:
         return DaliAug(input_size, True, scale=tuple(scale), attempts=1, hflip=hflip)
     return DaliAug(input_size, False, resize=int(input_size * 256 / 224))
