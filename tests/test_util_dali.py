@@ -255,6 +255,19 @@ def test_corrupt_and_truncated_jpegs_are_skipped_or_stop_under_strict(tmp_path, 
         dali.dali_train_loader(ImageFolder(root, strict=True), dali.pretrain_aug(32), 2, 1, 0, CPU)
 
 
+def test_only_rank_0_warns_about_bad_files(tmp_path, monkeypatch, capsys):
+    # after the all-gather every rank knows every bad file: one warning each, from rank 0
+    import util.logger
+    root = _smooth_folder(tmp_path / "d", sizes=((64, 48),) * 2, classes=1)
+    with open(os.path.join(root, "class0", "junk.jpg"), "wb") as f:
+        f.write(b"not an image at all")
+    for rank, warned in ((1, False), (0, True)):
+        monkeypatch.setattr(util.logger, "_rank", lambda: rank)
+        dataset = ImageFolder(root)
+        assert len(dali.scan_images(dataset, 1)) == 1 and dataset.skipped == 1
+        assert ("junk.jpg" in capsys.readouterr().err) == warned
+
+
 def _undecodable_jpeg(path, like):
     """A JPEG with a bogus Huffman table: it passes the up-front check (header and end marker) but neither
     libjpeg (DALI) nor PIL can decode it."""

@@ -214,8 +214,8 @@ def decode_error(path: str) -> Optional[str]:
 
 def scan_images(dataset: ImageFolder, num_threads: int) -> List[int]:
     """Indices of `dataset`'s unreadable files, each process checking a share (a collective when
-    distributed); with dataset.strict the first one raises DataError, else each gets one warning and is
-    flagged in the dataset (so `skipped` counts it)."""
+    distributed); with dataset.strict the first one raises DataError, else each gets one warning (on rank
+    0) and is flagged in the dataset of every rank (so `skipped` counts it)."""
     world, rank = get_world_size(), get_rank()
     mine = list(range(rank, len(dataset.samples), world))
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
@@ -229,7 +229,7 @@ def scan_images(dataset: ImageFolder, num_threads: int) -> List[int]:
                             f"or drop --strict_data to skip bad files")
         if not dataset._bad[i]:
             dataset._bad[i] = 1
-            warn(f"skipping unreadable image {path}: {err}", force=True)
+            warn(f"skipping unreadable image {path}: {err}")  # every rank has every bad file: rank 0 says so
     if len(bad) == len(dataset.samples):
         raise DataError(f"no readable image in {dataset.root}")
     return [i for i, _ in bad]
