@@ -360,6 +360,15 @@ def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
         assert abs(row["test_acc1"] * 7 / 100 - round(row["test_acc1"] * 7 / 100)) < 1e-6
 
 
+def test_finetune_eval_does_not_build_the_training_augmentation(cls_data):
+    # --aa v0 is torch-only: it matters only when training
+    common = [*TINY_CLS, *DALI, "--data_path", cls_data, "--nb_classes", "3", "--output_dir", "", "--aa", "v0"]
+    proc = run_entry(main_finetune, *common, "--eval")
+    assert "Accuracy of the network on the 7 test images" in proc.stdout
+    proc = run_entry(main_finetune, *common, "--epochs", "1", check=False)
+    assert proc.returncode == 2 and "--aa v0" in proc.stderr
+
+
 def test_hflip_and_crop_scale_reach_the_dali_pipeline(tmp_path):
     _ramp_png(tmp_path / "ramp.png")
     n, size = 100, 64
