@@ -1,6 +1,6 @@
 """util/dali.py on DALI's CPU backend: the same files, labels, shards and order as the torch loaders, the
 crop statistics of torchvision's RandomResizedCrop, eval_transform's output, bad files, and tiny runs of
-the three entry points with --data_loader dali."""
+the three entry points with --data_loader dali (the one-line error without DALI: test_main_pretrain.py)."""
 import argparse
 import os
 
@@ -316,6 +316,7 @@ def test_errors_other_than_decoding_pass_through_unchanged(monkeypatch, cls_data
                                                  "CUDA out of memory"))
 
 
+@pytest.mark.e2e
 def test_strict_data_stops_the_entry_point(tmp_path, cls_data):
     import shutil
     data = tmp_path / "data"
@@ -327,14 +328,7 @@ def test_strict_data_stops_the_entry_point(tmp_path, cls_data):
     assert "error: cannot read image" in proc.stderr and "bad.png" in proc.stderr
 
 
-def test_missing_dali_is_one_line_naming_the_install(monkeypatch, cls_data):
-    monkeypatch.setattr(dali, "dali_available", lambda: False)
-    proc = run_entry(main_pretrain, *TINY_PRETRAIN, *DALI, "--data_path", cls_data, "--output_dir", "", check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install nvidia-dali-cuda" in lines[0] and "--data_loader torch" in lines[0]
-
-
+@pytest.mark.e2e
 def test_pretraining_resumes_at_the_epoch_boundary_bitwise(tmp_path, cls_data):
     common = [*TINY_PRETRAIN, *DALI, "--data_path", cls_data, "--epochs", "2", "--log_dir", ""]
     run_entry(main_pretrain, *common, "--output_dir", tmp_path / "full")
@@ -348,6 +342,7 @@ def test_pretraining_resumes_at_the_epoch_boundary_bitwise(tmp_path, cls_data):
     assert full["args"]["data_loader"] == "dali"
 
 
+@pytest.mark.e2e
 def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
     common = [*TINY_CLS, *DALI, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1", "--log_dir", "",
               "--finetune", pretrained]
@@ -360,6 +355,7 @@ def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
         assert abs(row["test_acc1"] * 7 / 100 - round(row["test_acc1"] * 7 / 100)) < 1e-6
 
 
+@pytest.mark.e2e
 def test_finetune_eval_does_not_build_the_training_augmentation(cls_data):
     # --aa v0 is torch-only: it matters only when training
     common = [*TINY_CLS, *DALI, "--data_path", cls_data, "--nb_classes", "3", "--output_dir", "", "--aa", "v0"]
