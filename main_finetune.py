@@ -96,7 +96,9 @@ def main(args: argparse.Namespace) -> dict:
                                     global_pool=args.global_pool, img_size=args.input_size, attn=args.attn,
                                     patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
-    dali_augs = (finetune_aug(args), eval_aug(args.input_size)) if args.data_loader == "dali" else None
+    # the training augmentation only when training: an --aa DALI cannot run must not stop an --eval run
+    dali_augs = (None if args.eval else finetune_aug(args), eval_aug(args.input_size)) \
+        if args.data_loader == "dali" else None
     _, _, data_loader_train, data_loader_val = classification_data(
         # validation images leave the loader as uint8 and are normalised on the device (engine_finetune)
         args, build_transform(True, args), eval_transform(args.input_size, normalize=False), device, dali_augs)

@@ -13,6 +13,7 @@ import torch
 import engine_pretrain
 import main_pretrain
 import util.engine_loop as engine_loop
+import util.dali as dali
 import util.misc as misc
 from helpers import TINY_PRETRAIN, load, read_log, run_entry, run_torchrun
 
@@ -219,3 +220,14 @@ def test_ablation_flags_train_and_the_checkpoint_fine_tunes(image_folder, tmp_pa
     proc = run_entry(main_pretrain, *TINY_PRETRAIN, "--input_size", "64", "--data_path", image_folder,
                      "--epochs", "1", "--output_dir", "", "--mask_type", "grid", "--mask_ratio", "0.5", check=False)
     assert proc.returncode == 2 and "--mask_type grid" in proc.stderr and "0.75" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_missing_dali_is_one_line_naming_the_install(monkeypatch, cls_data):
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    # needs no DALI (so not in test_util_dali.py, which skips without it)
+    proc = run_entry(main_pretrain, *TINY_PRETRAIN, "--data_loader", "dali", "--data_path", cls_data,
+                     "--output_dir", "", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install nvidia-dali-cuda" in lines[0] and "--data_loader torch" in lines[0]

@@ -1,6 +1,6 @@
 """util/dali.py on DALI's CPU backend: the same files, labels, shards and order as the torch loaders, the
 crop statistics of torchvision's RandomResizedCrop, eval_transform's output, bad files, and tiny runs of
-the three entry points with --data_loader dali."""
+the three entry points with --data_loader dali (the one-line error without DALI: test_main_pretrain.py)."""
 import argparse
 import os
 
@@ -63,6 +63,27 @@ def test_files_labels_and_order_are_the_torch_loaders(cls_data):
         assert dataset.class_to_idx == {"class0": 0, "class1": 1, "class2": 2}
         _, got = _batches(loader)
         assert got.tolist() == labels and len(loader) == 3
+
+
+def test_a_relative_data_path_works(monkeypatch, cls_data):
+    # DALI resolves a file list's entries relative to the list's (temporary) folder: the list holds absolute paths
+    monkeypatch.chdir(os.path.dirname(cls_data))
+    dataset = ImageFolder(os.path.join(os.path.basename(cls_data), "train"))
+    assert not os.path.isabs(dataset.samples[0][0])
+    loader = dali.dali_train_loader(dataset, dali.pretrain_aug(32), 4, 1, 0, CPU)
+    loader.sampler.set_epoch(0)
+    images, labels = _batches(loader)
+    assert len(images) == 12 and labels.tolist() == loader.files()[1]
+
+
+def test_rebuilt_pipelines_keep_the_first_builds_executor(tmp_path):
+    # Pipeline.deserialize alone gives DALI's synchronous executor
+    Image.new("RGB", (48, 48), (1, 2, 3)).save(tmp_path / "a.png")
+    factory = dali.PipelineFactory(dali.pretrain_aug(32), 2, 1, None)
+    flags = ("exec_pipelined", "exec_async", "exec_dynamic")
+    first, again = (factory.build([str(tmp_path / "a.png")] * 2, [0, 0], seed=s) for s in (0, 1))
+    assert first.exec_pipelined and first.exec_async
+    assert {k: getattr(again, k) for k in flags} == {k: getattr(first, k) for k in flags}
 
 
 def test_training_shards_are_disjoint_and_cover_the_set(cls_data):
@@ -234,6 +255,68 @@ def test_corrupt_and_truncated_jpegs_are_skipped_or_stop_under_strict(tmp_path, 
         dali.dali_train_loader(ImageFolder(root, strict=True), dali.pretrain_aug(32), 2, 1, 0, CPU)
 
 
+def test_only_rank_0_warns_about_bad_files(tmp_path, monkeypatch, capsys):
+    # after the all-gather every rank knows every bad file: one warning each, from rank 0
+    import util.logger
+    root = _smooth_folder(tmp_path / "d", sizes=((64, 48),) * 2, classes=1)
+    with open(os.path.join(root, "class0", "junk.jpg"), "wb") as f:
+        f.write(b"not an image at all")
+    for rank, warned in ((1, False), (0, True)):
+        monkeypatch.setattr(util.logger, "_rank", lambda: rank)
+        dataset = ImageFolder(root)
+        assert len(dali.scan_images(dataset, 1)) == 1 and dataset.skipped == 1
+        assert ("junk.jpg" in capsys.readouterr().err) == warned
+
+
+def _undecodable_jpeg(path, like):
+    """A JPEG with a bogus Huffman table: it passes the up-front check (header and end marker) but neither
+    libjpeg (DALI) nor PIL can decode it."""
+    data = open(like, "rb").read()
+    dht = data.index(b"\xff\xc4")
+    with open(path, "wb") as f:
+        f.write(data[:dht + 5] + b"\xff" * 16 + data[dht + 21:])
+
+
+@pytest.mark.parametrize("name, batch", [("a.jpg", 0), ("z.jpg", 2)])
+def test_a_file_dali_cannot_decode_stops_with_one_line_naming_it(tmp_path, name, batch):
+    root = tmp_path / "d" / "class0"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem in "bcde":
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / f"{stem}.jpg", quality=90)
+    _undecodable_jpeg(root / name, root / "b.jpg")
+    dataset = ImageFolder(str(tmp_path / "d"))
+    assert dali.scan_images(dataset, 1) == []  # the up-front check lets it through
+    loader = dali.DaliLoader(dataset, SequentialSampler(dataset), dali.eval_aug(32), 2, 1, CPU, 0, False)
+    assert loader.files()[0].index(str(root / name)) // 2 == batch
+    got = []
+    with pytest.raises(DataError) as info:  # batch 0 fails in the iterator's constructor, a later one in next()
+        for images, _ in loader:
+            got.append(images)
+    assert len(got) == batch
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"DALI could not decode {root / name} (") and "--data_loader torch" in message
+
+
+def test_errors_other_than_decoding_pass_through_unchanged(monkeypatch, cls_data):
+    import nvidia.dali.plugin.pytorch as dali_torch
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Critical error in pipeline: CUDA out of memory in operator fn.resize")
+
+    monkeypatch.setattr(dali_torch, "DALIGenericIterator", Failing)
+    dataset = ImageFolder(os.path.join(cls_data, "val"))
+    loader = dali.DaliLoader(dataset, SequentialSampler(dataset), dali.eval_aug(32), 4, 1, CPU, 0, False)
+    with pytest.raises(RuntimeError, match="^Critical error in pipeline: CUDA out of memory"):
+        next(iter(loader))
+    assert dali.is_decode_error(RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image`\nencountered"))
+    assert not dali.is_decode_error(RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image`: "
+                                                 "CUDA out of memory"))
+
+
+@pytest.mark.e2e
 def test_strict_data_stops_the_entry_point(tmp_path, cls_data):
     import shutil
     data = tmp_path / "data"
@@ -245,14 +328,7 @@ def test_strict_data_stops_the_entry_point(tmp_path, cls_data):
     assert "error: cannot read image" in proc.stderr and "bad.png" in proc.stderr
 
 
-def test_missing_dali_is_one_line_naming_the_install(monkeypatch, cls_data):
-    monkeypatch.setattr(dali, "dali_available", lambda: False)
-    proc = run_entry(main_pretrain, *TINY_PRETRAIN, *DALI, "--data_path", cls_data, "--output_dir", "", check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install nvidia-dali-cuda" in lines[0] and "--data_loader torch" in lines[0]
-
-
+@pytest.mark.e2e
 def test_pretraining_resumes_at_the_epoch_boundary_bitwise(tmp_path, cls_data):
     common = [*TINY_PRETRAIN, *DALI, "--data_path", cls_data, "--epochs", "2", "--log_dir", ""]
     run_entry(main_pretrain, *common, "--output_dir", tmp_path / "full")
@@ -266,6 +342,7 @@ def test_pretraining_resumes_at_the_epoch_boundary_bitwise(tmp_path, cls_data):
     assert full["args"]["data_loader"] == "dali"
 
 
+@pytest.mark.e2e
 def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
     common = [*TINY_CLS, *DALI, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1", "--log_dir", "",
               "--finetune", pretrained]
@@ -276,6 +353,16 @@ def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
         assert np.isfinite(row["train_loss"]) and 0 <= row["test_acc1"] <= 100
         # 7 validation images: accuracy is a multiple of 1/7
         assert abs(row["test_acc1"] * 7 / 100 - round(row["test_acc1"] * 7 / 100)) < 1e-6
+
+
+@pytest.mark.e2e
+def test_finetune_eval_does_not_build_the_training_augmentation(cls_data):
+    # --aa v0 is torch-only: it matters only when training
+    common = [*TINY_CLS, *DALI, "--data_path", cls_data, "--nb_classes", "3", "--output_dir", "", "--aa", "v0"]
+    proc = run_entry(main_finetune, *common, "--eval")
+    assert "Accuracy of the network on the 7 test images" in proc.stdout
+    proc = run_entry(main_finetune, *common, "--epochs", "1", check=False)
+    assert proc.returncode == 2 and "--aa v0" in proc.stderr
 
 
 def test_hflip_and_crop_scale_reach_the_dali_pipeline(tmp_path):

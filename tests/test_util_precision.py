@@ -49,9 +49,16 @@ def test_cpu_default_precision_follows_native_bf16(monkeypatch):
 
 
 def test_cuda_default_precision_is_bf16_where_supported(monkeypatch):
-    # bf16 needs no loss scaler and measured faster on an H100 (PRETRAIN.md); fp16 with the scaler elsewhere
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    # bf16 needs no loss scaler and measured faster on an H100 (PRETRAIN.md); fp16 with the scaler elsewhere,
+    # also on GPUs that only emulate bf16 (V100, T4), which torch counts as supported by default
+    def gpu(native):
+        def is_bf16_supported(including_emulation=True):
+            assert including_emulation is False
+            return native
+        return is_bf16_supported
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(True))
     assert precision.resolve_amp(None, torch.device("cuda")) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(False))
     assert precision.resolve_amp(None, torch.device("cuda")) == "fp16"
     assert precision.resolve_amp("fp16", torch.device("cuda")) == "fp16"  # the reference's behaviour, on request

@@ -125,7 +125,8 @@ def _add_distributed_args(group: Any) -> None:
 
 def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) -> None:
     ours.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
-                      help="mixed precision (default: fp16 on CUDA, bf16 on CPUs with native bf16, else none)")
+                      help="mixed precision (default: on CUDA bf16 where the GPU supports it natively, else fp16; "
+                           "bf16 on CPUs with native bf16; else none)")
     ours.add_argument("--attn", default="auto", choices=["auto", *ATTN_IMPLS],
                       help="attention kernel: fused sdpa or explicit math (auto: the faster one measured for the "
                            "device and --amp)")

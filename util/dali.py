@@ -12,7 +12,8 @@ loaders of util/datasets.py; only decoding and augmentation move into a DALI pip
 A pipeline is built per epoch over that epoch's file list (this rank's shard of the epoch's shuffle)
 with a seed drawn from (--seed, rank, epoch), so an epoch's augmentation depends on nothing before it.
 DALI stops at an unreadable file, so the file list is checked once before the first epoch
-(`scan_images`) and bad files are handled as the torch loader handles them. On CPU (`--device cpu`) the
+(`scan_images`) and the bad files it finds are handled as the torch loader handles them; a file that
+passes the check but that DALI cannot decode stops the run with one line naming it. On CPU (`--device cpu`) the
 pipelines run DALI's CPU operators. NVIDIA DALI is optional (requirements-dali.txt) and is imported only
 when a DALI loader is built.
 
@@ -51,6 +52,7 @@ __all__ = ["LOADERS", "DaliAug", "DaliLoader", "dali_available", "dali_eval_load
            "require_dali", "scan_images"]
 
 LOADERS = ("torch", "dali")
+PREFETCH = 2  # batches a pipeline runs ahead
 
 
 def dali_available() -> bool:
@@ -117,8 +119,8 @@ def pretrain_aug(input_size: int, aug: str = "crop_rand", hflip: float = 0.5,
 
 def linprobe_aug(is_train: bool, input_size: int, hflip: float = 0.5,
                  scale: Sequence[float] = LINPROBE_SCALE) -> DaliAug:
-    """linprobe_transform for DALI: one crop draw (no retries; DALI clips an oversized draw), or resize
-    input_size * 256 / 224 and centre crop."""
+    """linprobe_transform for DALI: one crop draw (no retries; a draw too large for the image falls back to
+    the whole image, its aspect clamped to the ratio range), or resize input_size * 256 / 224 and centre crop."""
     if is_train:
         return DaliAug(input_size, True, scale=tuple(scale), attempts=1, hflip=hflip)
     return DaliAug(input_size, False, resize=int(input_size * 256 / 224))
@@ -200,10 +202,20 @@ def check_image(path: str) -> Optional[str]:
         return str(e) or type(e).__name__
 
 
+def decode_error(path: str) -> Optional[str]:
+    """None when PIL decodes `path` in full, else why not."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return None
+    except _READ_ERRORS as e:
+        return str(e) or type(e).__name__
+
+
 def scan_images(dataset: ImageFolder, num_threads: int) -> List[int]:
     """Indices of `dataset`'s unreadable files, each process checking a share (a collective when
-    distributed); with dataset.strict the first one raises DataError, else each gets one warning and is
-    flagged in the dataset (so `skipped` counts it)."""
+    distributed); with dataset.strict the first one raises DataError, else each gets one warning (on rank
+    0) and is flagged in the dataset of every rank (so `skipped` counts it)."""
     world, rank = get_world_size(), get_rank()
     mine = list(range(rank, len(dataset.samples), world))
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
@@ -217,7 +229,7 @@ def scan_images(dataset: ImageFolder, num_threads: int) -> List[int]:
                             f"or drop --strict_data to skip bad files")
         if not dataset._bad[i]:
             dataset._bad[i] = 1
-            warn(f"skipping unreadable image {path}: {err}", force=True)
+            warn(f"skipping unreadable image {path}: {err}")  # every rank has every bad file: rank 0 says so
     if len(bad) == len(dataset.samples):
         raise DataError(f"no readable image in {dataset.root}")
     return [i for i, _ in bad]
@@ -364,7 +376,7 @@ def define_pipeline(file_list: str, aug: DaliAug, batch_size: int, num_threads: 
     with warnings.catch_warnings():  # DALI's own augmentation library still calls its deprecated aliases
         warnings.simplefilter("ignore", DeprecationWarning)
         pipe = pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
-                        prefetch_queue_depth=2)
+                        prefetch_queue_depth=PREFETCH)
         pipe.build()
     return pipe
 
@@ -383,27 +395,57 @@ class PipelineFactory:
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self.file_list = os.path.join(self._dir, "files.txt")
         self._serialized: Optional[bytes] = None
+        self._executor: Dict[str, bool] = {}
 
     def build(self, files: Sequence[str], labels: Sequence[int], seed: int) -> Any:
         """A built pipeline over `files` (in this order) with this seed."""
+        # absolute paths: DALI resolves the list's entries relative to the list's own (temporary) folder
         with open(self.file_list, "w", encoding="utf-8") as f:
-            f.writelines(f"{path} {label}\n" for path, label in zip(files, labels))
+            f.writelines(f"{os.path.abspath(path)} {label}\n" for path, label in zip(files, labels))
         if self._serialized is None:
             pipe = define_pipeline(self.file_list, self.aug, self.batch_size, self.num_threads, self.device_id,
                                    seed)
             self._serialized = pipe.serialize()
+            # deserialize falls back to the synchronous executor unless told otherwise: keep the first build's
+            self._executor = {k: bool(getattr(pipe, k)) for k in ("exec_pipelined", "exec_async", "exec_dynamic")}
             return pipe
         from nvidia.dali import Pipeline
 
         pipe = Pipeline.deserialize(serialized_pipeline=self._serialized, batch_size=self.batch_size,
                                     num_threads=max(1, self.num_threads), device_id=self.device_id, seed=seed,
-                                    prefetch_queue_depth=2)
+                                    prefetch_queue_depth=PREFETCH, **self._executor)
         pipe.build()
         return pipe
 
 
 # ----------------------------------------------------------------------------
 # the loader
+
+_DECODE_ERROR = re.compile(r"Failed to decode|fn\.decoders\.image")
+_DALI_NAMED = re.compile(r"Failed to decode sample #\d+ : (.+)")
+
+
+def is_decode_error(e: BaseException) -> bool:
+    """Whether a DALI pipeline error comes from its image decoder (and not, say, a lack of memory)."""
+    text = str(e)
+    return bool(_DECODE_ERROR.search(text)) and "out of memory" not in text.lower()
+
+
+def decode_failure(e: BaseException, files: Sequence[str], step: int, batch_size: int) -> str:
+    """One line naming the file DALI could not decode at batch `step`: found by decoding that batch's files
+    (and the prefetched ones) in full with PIL, else the one DALI names, else the batch's first few."""
+    window = files[step * batch_size:(step + 1 + PREFETCH) * batch_size]
+    for path in window:
+        err = decode_error(path)
+        if err is not None:
+            return f"DALI could not decode {path} ({err[:200]}); remove or replace the file, or use --data_loader torch"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = next((m.group(1) for m in map(_DALI_NAMED.search, lines) if m), None)
+    batch = files[step * batch_size:(step + 1) * batch_size]
+    where = named or f"one of {', '.join(batch[:4])}{', ...' if len(batch) > 4 else ''}"
+    reason = next((line for line in lines if "Failed to decode" in line), lines[-1] if lines else type(e).__name__)
+    return f"DALI could not decode {where} ({reason[:200]}); remove or replace the file, or use --data_loader torch"
+
 
 class DaliLoader:
     """(images, labels) batches from a DALI pipeline, with the DataLoader attributes the training loop uses.
@@ -444,27 +486,25 @@ class DaliLoader:
 
         epoch = getattr(self.sampler, "epoch", 0)
         pipe = self._factory.build(files, labels, epoch_seed(self.seed, get_rank(), epoch))
-        batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=False,
-                                      last_batch_policy=LastBatchPolicy.PARTIAL)
+        batches = None
         step = 0
         try:
             while True:
                 try:
+                    if batches is None:  # inside the try: the constructor already runs the first batch
+                        batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
+                                                      auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL)
                     out = next(batches)[0]
                 except StopIteration:
                     return
                 except RuntimeError as e:
-                    batch = files[step * self.batch_size:(step + 1) * self.batch_size]
-                    culprit = next((p for p in batch if check_image(p) is not None), None)
-                    where = culprit or f"one of {', '.join(batch[:4])}{', ...' if len(batch) > 4 else ''}"
-                    last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-                    raise DataError(f"DALI could not decode {where} ({last[0].strip()[:200]}); remove or replace "
-                                    f"the file, or use --data_loader torch") from None
+                    if not is_decode_error(e):
+                        raise
+                    raise DataError(decode_failure(e, files, step, self.batch_size)) from None
                 step += 1
                 yield out["images"], out["labels"].view(-1).long()
         finally:
             del batches, pipe
-
 
 def dali_train_loader(dataset: ImageFolder, aug: DaliAug, batch_size: int, num_threads: int, seed: int,
                       device: torch.device) -> DaliLoader:

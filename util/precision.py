@@ -44,13 +44,14 @@ def cpu_has_native_bf16() -> bool:
 def resolve_amp(amp: Optional[str], device: torch.device) -> str:
     """The --amp value in effect: the given one, or the device's default.
 
-    On CUDA bf16 where the GPU supports it (no loss scaler needed; measured faster, PRETRAIN.md), else
+    On CUDA bf16 where the GPU supports it natively (no loss scaler needed; measured faster, PRETRAIN.md), else
     fp16 with the scaler (the reference's choice); bf16 on CPUs that run it natively; fp32 ('none') elsewhere.
     """
     if amp is not None:
         return amp
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # native bf16 only: by default torch also counts GPUs that emulate it (V100, T4), where fp16 is faster
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "none"
