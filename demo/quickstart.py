@@ -177,7 +177,7 @@ def build_stages(args: argparse.Namespace, data: str, out: str) -> Dict[str, tup
     ckpt = os.path.join(d["pretrain"], "checkpoint-last.pth")
     random_ckpt = os.path.join(d["linprobe_random"], "checkpoint-last.pth")  # its encoder is never trained
     cls = [*encoder, "--nb_classes", 10]
-    # LARS scales each weight step by 0.001 x |w| / |g|: with ~450 steps instead of the reference's ~7,000 at
+    # LARS scales each weight step by 0.001 x |w| / |g|: with ~330 steps instead of the reference's ~7,000 at
     # batch 16,384 it needs a far larger lr (here 50) to move the head to where it converges
     linprobe = [*cls, *training, "--batch_size", 64, "--epochs", args.linprobe_epochs, "--warmup_epochs", 2,
                 "--blr", 200, "--weight_decay", 0.0]

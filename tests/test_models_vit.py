@@ -18,7 +18,7 @@ ARCH = {  # name: (patch, width, depth, heads)
 
 def _small_kwargs(name):
     """Keep every model cheap (two blocks) while keeping its width."""
-    patch = 14 if "patch14" in name else 16
+    patch = 14 if "patch14" in name else 4 if "patch4" in name else 16
     return dict(img_size=2 * patch, num_classes=5, depth=2)  # full width, few blocks
 
 
