@@ -10,9 +10,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 
-from util.layers import patch_embed_layer, use_attention
+from util.layers import patch_embed_layer, run_blocks, use_attention
 from util.masking import block_noise, check_mask_type, grid_noise
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import lookup, names, register
@@ -108,12 +107,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         """x through the blocks; with grad checkpointing each block keeps only its input for the backward."""
-        for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(blocks, x, self.grad_checkpointing)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -10,9 +10,8 @@ from typing import Callable, Dict
 import torch
 import torch.nn as nn
 import timm.models.vision_transformer
-from torch.utils.checkpoint import checkpoint
 
-from util.layers import patch_embed_layer, use_attention
+from util.layers import patch_embed_layer, run_blocks, use_attention
 from util.registry import lookup, names, register
 
 MODELS: Dict[str, Callable] = {}
@@ -25,12 +24,7 @@ class Blocks(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x through the blocks; with grad checkpointing each block keeps only its input for the backward."""
-        for blk in self:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(self, x, self.grad_checkpointing)
 
 
 class VisionTransformer(timm.models.vision_transformer.VisionTransformer):

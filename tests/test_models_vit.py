@@ -6,6 +6,7 @@ from torch.utils.checkpoint import checkpoint
 
 import models_mae
 import models_vit
+import util.layers
 from util.registry import UnknownModelError
 
 ARCH = {  # name: (patch, width, depth, heads)
@@ -62,7 +63,7 @@ def test_grad_checkpointing_gives_the_same_gradients_with_drop_path(monkeypatch)
         reentrant.append(kwargs.get("use_reentrant"))
         return checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(models_vit, "checkpoint", spy)
+    monkeypatch.setattr(util.layers, "checkpoint", spy)
     monkeypatch.setenv("TIMM_REENTRANT_CKPT", "1")  # timm's own path would follow it; ours does not use it
 
     def grads(checkpointing):

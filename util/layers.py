@@ -9,6 +9,7 @@ from typing import Iterable, Type
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
+from torch.utils.checkpoint import checkpoint
 
 ATTN_IMPLS = ("sdpa", "math")
 PATCH_EMBED_IMPLS = ("conv", "linear")
@@ -61,3 +62,11 @@ def use_attention(blocks: Iterable[torch.nn.Module], impl: str) -> None:
         raise ValueError(f"attention implementation must be one of {ATTN_IMPLS}, got {impl!r}")
     for block in blocks:
         block.attn.fused_attn = impl == "sdpa"
+
+
+def run_blocks(blocks: Iterable[torch.nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """x through the blocks in order; with grad_checkpointing (and autograd on) each block is checkpointed,
+    non-reentrant: it keeps only its input for the backward and runs again there."""
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if grad_checkpointing and torch.is_grad_enabled() else blk(x)
+    return x
