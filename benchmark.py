@@ -423,6 +423,10 @@ def _main(argv=None) -> int:
                              "(dali: NVIDIA DALI with --num_workers threads)")
     args = parser.parse_args(argv)
     if args.mode in ("data", "e2e"):
+        if args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print(f"error: --mode {args.mode} runs in one process without --fsdp; time sharded steps with "
+                  f"--mode pretrain or finetune", file=sys.stderr)
+            return 2
         if "dali" in args.data_loader and not dali.dali_available():
             print(f"error: --data_loader dali needs NVIDIA DALI: {dali.install_command()}", file=sys.stderr)
             return 2

@@ -41,13 +41,13 @@ def main(args: argparse.Namespace) -> dict:
     model = models_vit.create_model(args.model, num_classes=args.nb_classes, global_pool=args.global_pool,
                                     img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
-    dali_augs = (linprobe_aug(True, args.input_size, args.hflip, crop_scale(args, LINPROBE_SCALE)),
+    scale = crop_scale(args, LINPROBE_SCALE)
+    dali_augs = (linprobe_aug(True, args.input_size, args.hflip, scale),
                  linprobe_aug(False, args.input_size)) \
         if args.data_loader == "dali" else None
     _, _, data_loader_train, data_loader_val = classification_data(
         # uint8 out of the loaders, normalised on the device (engine_finetune): same numbers, faster loading
-        args, linprobe_transform(True, args.input_size, normalize=False, hflip=args.hflip,
-                                 scale=crop_scale(args, LINPROBE_SCALE)),
+        args, linprobe_transform(True, args.input_size, normalize=False, hflip=args.hflip, scale=scale),
         linprobe_transform(False, args.input_size, normalize=False), device, dali_augs)
 
     if args.finetune and not args.eval:

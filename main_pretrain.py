@@ -137,11 +137,11 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--mask_type {args.mask_type}: {e}") from None
 
     # uint8 out of the loader, normalised on the device (engine_pretrain): same numbers, faster loading
+    scale = crop_scale(args, PRETRAIN_SCALE)
     dataset_train = build_dataset(True, args, transform=pretrain_transform(
-        args.input_size, normalize=False, aug=args.pretrain_aug, hflip=args.hflip,
-        scale=crop_scale(args, PRETRAIN_SCALE)))
+        args.input_size, normalize=False, aug=args.pretrain_aug, hflip=args.hflip, scale=scale))
     log(dataset_train)
-    dali_aug = pretrain_aug(args.input_size, args.pretrain_aug, args.hflip, crop_scale(args, PRETRAIN_SCALE)) \
+    dali_aug = pretrain_aug(args.input_size, args.pretrain_aug, args.hflip, scale) \
         if args.data_loader == "dali" else None
     data_loader_train = make_train_loader(args.data_loader, dataset_train, dali_aug, args.batch_size, args.num_workers,
                                           args.pin_mem, args.seed, device)

@@ -130,3 +130,12 @@ def test_several_processes_without_fsdp_are_a_one_line_error(flags, monkeypatch,
     code, _, stderr = _run(["--device", "cpu", "--model", "mae_vit_tiny_patch16", "--input_size", 32, *flags], capsys)
     assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("error: several processes need --fsdp")
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("mode", ["data", "e2e"])
+def test_loader_modes_refuse_fsdp_and_several_processes(mode, monkeypatch, capsys):
+    code, _, stderr = _run(["--mode", mode, "--device", "cpu", "--fsdp"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and f"--mode {mode} runs in one process without --fsdp" in stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, stderr = _run(["--mode", mode, "--device", "cpu"], capsys)
+    assert code == 2 and f"--mode {mode} runs in one process" in stderr and not torch.distributed.is_initialized()

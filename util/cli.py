@@ -10,6 +10,7 @@ import sys
 import traceback
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from util.dali import LOADERS
 from util.distributed import destroy_process_group
 from util.errors import NonFiniteLossError, Preempted, UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
@@ -133,7 +134,7 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
     ours.add_argument("--patch_embed", default="auto", choices=["auto", *PATCH_EMBED_IMPLS],
                       help="patch embedding as a convolution or as patchify + one matmul (auto: linear)")
     if training:
-        ours.add_argument("--data_loader", default="torch", choices=["torch", "dali"],
+        ours.add_argument("--data_loader", default="torch", choices=LOADERS,
                           help="torch: DataLoader worker processes decode and augment with PIL; dali: NVIDIA DALI "
                                "decodes JPEGs on the GPU (on the CPU with --device cpu) with --num_workers threads "
                                "(pip install -r requirements-dali.txt)")
@@ -150,7 +151,7 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                       help="area range of the training random-resized crop (default: the stage's own, 0.2 1 "
                            "for pre-training, 0.08 1 for fine-tuning and linear probing)")
     ours.add_argument("--compile", action="store_true", default=None,
-                      help="torch.compile the model (default: on for CUDA, off for CPU)")
+                      help="torch.compile the model (default: on for CUDA without --fsdp, off for CPU)")
     ours.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")
     ours.add_argument("--print_freq", default=20, type=int, help="console line every N iterations")
     ours.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",

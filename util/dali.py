@@ -221,7 +221,7 @@ def scan_images(dataset: ImageFolder, num_threads: int) -> List[int]:
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         found = [(i, err) for i, err in zip(mine, pool.map(lambda i: check_image(dataset.samples[i][0]), mine))
                  if err is not None]
-    bad = sorted(x for share in (all_gather_objects(found) if world > 1 else [found]) for x in share)
+    bad = sorted(x for share in (all_gather_objects(found)) for x in share)
     for i, err in bad:
         path = dataset.samples[i][0]
         if dataset.strict:
