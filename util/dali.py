@@ -44,7 +44,8 @@ from torch.utils.data import Sampler, SequentialSampler
 from util.distributed import all_gather_objects, get_rank, get_world_size
 from util.datasets import ImageFolder, ResumableSampler, ShardSampler, check_one_batch, eval_loader, train_loader
 from util.errors import DataError, UserError
-from util.transforms import FINETUNE_SCALE, LINPROBE_SCALE, PRETRAIN_SCALE, crop_scale
+from util.transforms import (FINETUNE_SCALE, LINPROBE_SCALE, PRETRAIN_SCALE, crop_scale, eval_resize,
+                             linprobe_resize, pretrain_resize)
 from util.logger import log, warn
 
 __all__ = ["LOADERS", "DaliAug", "DaliLoader", "dali_available", "dali_eval_loader", "dali_train_loader", "eval_aug",
@@ -92,7 +93,7 @@ class DaliAug:
 
     input_size: int
     train: bool
-    scale: Tuple[float, float] = (0.08, 1.0)
+    scale: Tuple[float, float] = FINETUNE_SCALE
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     attempts: int = 10
     resize: int = 0
@@ -106,7 +107,7 @@ class DaliAug:
 def pretrain_aug(input_size: int, aug: str = "crop_rand", hflip: float = 0.5,
                  scale: Sequence[float] = PRETRAIN_SCALE) -> DaliAug:
     """pretrain_transform's augmentation (util/transforms.py) for DALI; crop_rand_color is torch-only."""
-    resize = int(input_size / 0.875)
+    resize = pretrain_resize(input_size)
     if aug == "crop_rand":
         return DaliAug(input_size, True, scale=tuple(scale), hflip=hflip)
     if aug == "crop_fixed":
@@ -123,13 +124,12 @@ def linprobe_aug(is_train: bool, input_size: int, hflip: float = 0.5,
     the whole image, its aspect clamped to the ratio range), or resize input_size * 256 / 224 and centre crop."""
     if is_train:
         return DaliAug(input_size, True, scale=tuple(scale), attempts=1, hflip=hflip)
-    return DaliAug(input_size, False, resize=int(input_size * 256 / 224))
+    return DaliAug(input_size, False, resize=linprobe_resize(input_size))
 
 
 def eval_aug(input_size: int) -> DaliAug:
     """eval_transform for DALI: resize the shorter side to input_size / crop_pct, centre crop."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    return DaliAug(input_size, False, resize=int(input_size / crop_pct))
+    return DaliAug(input_size, False, resize=eval_resize(input_size))
 
 
 _RAND_RE = re.compile(r"^rand(-[a-z]+\d*(?:\.\d+)?)*$")

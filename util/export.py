@@ -24,6 +24,7 @@ from util.checkpoint import atomic_save, load_checkpoint, load_state_dict_strict
 from util.errors import CheckpointError, UserError
 from util.formats import ours_to_hf
 from util.logger import log
+from util.transforms import eval_crop_pct
 
 FORMATS = ("timm", "hf", "encoder")
 SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}  # width -> size name
@@ -115,14 +116,13 @@ def export_timm(kind: str, model: torch.nn.Module, output_dir: str) -> None:
     size = SIZES.get(lay["embed_dim"], "base")
     classifier = kind == "classifier"
     global_pool = "avg" if classifier and getattr(model, "global_pool", "") == "avg" else "token"
-    crop_pct = 224 / 256 if lay["img_size"] <= 224 else 1.0
     model_args = dict(img_size=lay["img_size"], patch_size=lay["patch_size"], embed_dim=lay["embed_dim"],
                       depth=lay["depth"], num_heads=lay["num_heads"], mlp_ratio=lay["mlp_dim"] / lay["embed_dim"],
                       num_classes=model.num_classes if classifier else 0, global_pool=global_pool)
     timm_model = timm.create_model(
         f"vit_{size}_patch{lay['patch_size']}_224", pretrained=False, **model_args,
         pretrained_cfg_overlay=dict(tag="mae", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                                    crop_pct=crop_pct, interpolation="bicubic", license=None))
+                                    crop_pct=eval_crop_pct(lay["img_size"]), interpolation="bicubic", license=None))
     timm_model.load_state_dict(encoder_state_dict(kind, model), strict=True)
     timm.models.save_for_hf(timm_model, output_dir, safe_serialization=True)
     # the size arguments, also where this timm's save_for_hf does not record them

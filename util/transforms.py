@@ -98,12 +98,30 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255).sub_(mean).div_(std)
 
 
+def eval_crop_pct(input_size: int) -> float:
+    """The share of the resized short side that evaluation keeps: 224/256 up to 224 px, else all of it."""
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
+def eval_resize(input_size: int) -> int:
+    """The short side evaluation resizes to before its center crop: input_size / eval_crop_pct."""
+    return int(input_size / eval_crop_pct(input_size))
+
+
+def pretrain_resize(input_size: int) -> int:
+    """The short side of the crop_fixed / none pre-training augmentations: input_size / 0.875."""
+    return int(input_size / 0.875)
+
+
+def linprobe_resize(input_size: int) -> int:
+    """The short side of linear probing's evaluation: input_size * 256 / 224."""
+    return int(input_size * 256 / 224)
+
+
 def eval_transform(input_size: int, normalize: bool = True) -> Callable:
     """Resize the short side to input_size/crop_pct (bicubic), center-crop, normalise (or uint8)."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    size = int(input_size / crop_pct)
     return _to_tensor([
-        transforms.Resize(size, interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
+        transforms.Resize(eval_resize(input_size), interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
         transforms.CenterCrop(input_size),
     ], normalize)
 
@@ -123,7 +141,7 @@ def pretrain_transform(input_size: int, normalize: bool = True, aug: str = "crop
     """
     if aug not in PRETRAIN_AUGS:
         raise ValueError(f"pre-training augmentation must be one of {', '.join(PRETRAIN_AUGS)}, got {aug}")
-    resize = transforms.Resize(int(input_size / 0.875), interpolation=BICUBIC)
+    resize = transforms.Resize(pretrain_resize(input_size), interpolation=BICUBIC)
     crop = transforms.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC)
     steps = {
         "none": [resize, transforms.CenterCrop(input_size)],
@@ -141,5 +159,5 @@ def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = 
     if is_train:
         return _to_tensor([RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC),
                            *_flip(hflip)], normalize)
-    return _to_tensor([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
+    return _to_tensor([transforms.Resize(linprobe_resize(input_size), interpolation=BICUBIC),
                        transforms.CenterCrop(input_size)], normalize)
