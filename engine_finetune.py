@@ -39,7 +39,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         outputs = model(samples)
-        return criterion(outputs, targets)
+        # the loss in fp32 from the logits, whatever --amp: CPU autocast keeps log_softmax (timm's
+        # LabelSmoothingCrossEntropy) in bf16, where CUDA autocast runs it in fp32; a no-op for fp32 logits
+        return criterion(outputs.float(), targets)
 
     return train_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, compute_loss,
                        args=args, log_writer=log_writer, loss_tag="loss", clip_grad=max_norm, position=position,

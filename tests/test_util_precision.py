@@ -1,4 +1,6 @@
-"""util/precision.py: which CPUs get bf16 by default, and the --amp default per device."""
+"""util/precision.py: which CPUs get bf16 by default, the --amp default per device, and gradient norms in fp32."""
+import math
+
 import pytest
 import torch
 
@@ -62,3 +64,22 @@ def test_cuda_default_precision_is_bf16_where_supported(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(False))
     assert precision.resolve_amp(None, torch.device("cuda")) == "fp16"
     assert precision.resolve_amp("fp16", torch.device("cuda")) == "fp16"  # the reference's behaviour, on request
+
+
+def test_grad_norm_of_bf16_gradients_is_fp32():
+    p = torch.nn.Parameter(torch.zeros(257, dtype=torch.bfloat16))
+    p.grad = torch.ones(257, dtype=torch.bfloat16)
+    p.grad[0] = 16.0
+    norm = precision.get_grad_norm_([p])
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(math.sqrt(512), rel=1e-6)
+
+
+def test_clipping_of_bf16_gradients_decides_on_an_fp32_norm():
+    model = torch.nn.Linear(300, 1, bias=False).to(torch.bfloat16)
+    model.weight.grad = torch.ones_like(model.weight)
+    model.weight.grad[0, 0] = 3.0
+    scaler = precision.NativeScalerWithGradNormCount("cpu", enabled=False)
+    norm = scaler((model.weight.float() * 0).sum(), torch.optim.SGD(model.parameters(), lr=0.0),
+                  clip_grad=1.0, parameters=list(model.parameters()))
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(math.sqrt(308), rel=1e-6)
+    assert model.weight.grad.double().norm().item() == pytest.approx(1.0, rel=1e-2)

@@ -2,8 +2,10 @@
 
 Accumulation boundaries, no gradient reduction on micro-steps (DDP no_sync, FSDP
 set_requires_gradient_sync), deferred NaN checks and buffered TensorBoard
-scalars: nothing waits for the device between console prints. An epoch can continue from a saved
-position, and a hook at every optimizer-step boundary may save one and stop (util/runner.py).
+scalars: nothing waits for the device between console prints. The NaN check, the meters and TensorBoard
+see each step's loss widened to fp64 on the device (util.metrics.widen), whatever its dtype. An epoch can
+continue from a saved position, and a hook at every optimizer-step boundary may save one and stop
+(util/runner.py).
 """
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -13,7 +15,7 @@ import util.lr_sched as lr_sched
 from util.distributed import all_reduce_mean
 from util.errors import NonFiniteLossError
 from util.logger import log
-from util.metrics import MetricLogger, SmoothedValue
+from util.metrics import MetricLogger, SmoothedValue, widen
 from util.precision import autocast
 from util.resume import EpochPosition, set_rng_state
 from util.sharding import gradient_sync
@@ -35,7 +37,7 @@ class LossWatch:
         self.pending: List[Tuple[int, torch.Tensor, float]] = []
 
     def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
-        self.pending.append((step, loss.detach().float().reshape(()), lr))
+        self.pending.append((step, widen(loss).reshape(()), lr))
 
     def check(self) -> None:
         if not self.pending:
@@ -75,7 +77,8 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
     """One epoch of optimisation; returns the global averages of 'loss' and 'lr'.
 
     Args:
-        compute_loss: (samples, targets) on the device -> scalar loss; runs under autocast.
+        compute_loss: (samples, targets) on the device -> scalar loss; runs under autocast, and should compute
+            the loss in fp32 from the model's outputs (cast them first: CPU autocast keeps log_softmax in bf16).
         args: accum_iter and the lr schedule fields; optional amp and print_freq.
         loss_tag: TensorBoard tag of the loss ('train_loss' for pre-training, 'loss' for fine-tuning).
         clip_grad: max gradient norm, or None (or 0) for no clipping.
@@ -130,12 +133,13 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
             optimizer.zero_grad(set_to_none=True)
 
         lr = max(group["lr"] for group in optimizer.param_groups)
-        watch.add(data_iter_step, loss, lr)
-        metric_logger.update(loss=loss.detach())
+        loss_value = widen(loss)  # fp64, still on the device: what the NaN check, meters and TensorBoard see
+        watch.add(data_iter_step, loss_value, lr)
+        metric_logger.update(loss=loss_value)
         metric_logger.update(lr=lr)
 
         if update_grad:
-            loss_value_reduce = all_reduce_mean(loss.detach())  # still a tensor: no host sync
+            loss_value_reduce = all_reduce_mean(loss_value)  # still a tensor: no host sync
             # x-axis in 1000ths of an epoch, to compare runs with different batch sizes
             epoch_1000x = int((data_iter_step / num_steps + epoch) * 1000)
             scalars.add(loss_tag, loss_value_reduce, epoch_1000x)

@@ -88,8 +88,12 @@ def knn_hits(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: t
                       int(val_labels.max()) + 1 if val_labels.numel() else 0)
     k_max = min(max(ks), train_feats.shape[0])
     hits = {k: [0, 0] for k in ks}
+    # similarities in fp32 even under a caller's autocast: a bf16 cosine (steps of 1/256 near 1) reorders
+    # neighbours and, through exp(s / 0.07), moves votes by several percent
+    train_feats, val_feats = train_feats.float(), val_feats.float()
     for start in range(0, val_feats.shape[0], chunk):
-        sims, idx = (val_feats[start:start + chunk] @ train_feats.T).topk(k_max, dim=1)  # [B, k_max]
+        with torch.autocast(train_feats.device.type, enabled=False):
+            sims, idx = (val_feats[start:start + chunk] @ train_feats.T).topk(k_max, dim=1)  # [B, k_max]
         neighbours = train_labels[idx]  # [B, k_max]
         weights = (sims / temperature).exp() if weighting == "exp" else torch.ones_like(sims)
         targets = val_labels[start:start + chunk]

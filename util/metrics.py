@@ -1,7 +1,9 @@
 """Meters and the progress-printing iterator of the training and evaluation loops.
 
 Values may stay on the device: they are read back only when printed or averaged, so updating a meter
-every step does not synchronise the host with the device.
+every step does not synchronise the host with the device. Tensor values are widened to fp64 on their
+device as they arrive (fp32 on MPS, which has no fp64): a bf16 or fp32 value does not make the sum
+round to its own precision.
 
 References:
     DeiT: https://github.com/facebookresearch/deit
@@ -21,11 +23,19 @@ def _to_float(v: Number) -> float:
     return v.item() if torch.is_tensor(v) else float(v)
 
 
+def widen(value: torch.Tensor) -> torch.Tensor:
+    """`value` detached, in fp64 on its device (fp32 on MPS), to sum without rounding to a narrow dtype;
+    no host sync."""
+    dtype = torch.float32 if value.device.type == "mps" else torch.float64
+    return value.detach().to(dtype)
+
+
 class SmoothedValue:
     """Track a series of values; smoothed over a window and globally averaged.
 
     Values may be device tensors: they are only read back when printed, so updating a meter
-    every step does not synchronise the host with the device.
+    every step does not synchronise the host with the device. Tensors are kept and summed in fp64
+    whatever their dtype (see `widen`); Python numbers sum as Python floats.
     """
 
     def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
@@ -36,7 +46,7 @@ class SmoothedValue:
 
     def update(self, value: Number, n: int = 1) -> None:
         if torch.is_tensor(value):
-            value = value.detach()
+            value = widen(value)
         self.deque.append(value)
         self.count += n
         self.total = self.total + value * n

@@ -100,8 +100,7 @@ class NativeScalerWithGradNormCount:
             if clip_grad is not None:
                 if parameters is None:
                     raise ValueError("clip_grad needs the parameters to clip")
-                # DTensor-aware: with sharded (--fsdp) gradients the total norm spans every shard
-                norm = _replicated(torch.nn.utils.clip_grad_norm_(parameters, clip_grad))
+                norm = clip_grad_norm_(parameters, clip_grad)
             else:
                 norm = get_grad_norm_(parameters)
         if self._scaler is not None:
@@ -121,19 +120,40 @@ class NativeScalerWithGradNormCount:
 
 def get_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
                    norm_type: float = 2.0) -> torch.Tensor:
-    """Total gradient norm over parameters (without clipping)."""
+    """Total gradient norm over parameters (without clipping), in fp32 or wider whatever the gradients' dtype."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     parameters = [p for p in parameters if p.grad is not None]
     if len(parameters) == 0:
         return torch.tensor(0.0)
-    if any(isinstance(p.grad, DTensor) for p in parameters):  # sharded gradients: torch sums over the shards
-        return _replicated(torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type))
-    device = parameters[0].grad.device
+    grads = [_at_least_fp32(p.grad.detach()) for p in parameters]  # the same tensors when fp32 already
+    if any(isinstance(g, DTensor) for g in grads):  # sharded gradients: torch sums over the shards
+        return _replicated(torch.nn.utils.get_total_norm(grads, norm_type))
+    device = grads[0].device
     if norm_type == float("inf"):
-        return max(p.grad.detach().abs().max().to(device) for p in parameters)
-    return torch.norm(torch.stack([torch.norm(p.grad.detach(), norm_type).to(device)
-                                   for p in parameters]), norm_type)
+        return max(g.abs().max().to(device) for g in grads)
+    return torch.norm(torch.stack([torch.norm(g, norm_type).to(device) for g in grads]), norm_type)
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ (2-norm), with the total norm in fp32 or wider; returns it as a plain tensor.
+
+    torch computes the norm in the gradients' dtype; ours are fp32 (the parameters stay fp32 under autocast,
+    and FSDP keeps fp32 shards), which take torch's path unchanged. Narrower gradients (a bf16 model) get
+    their norm from fp32 copies, so the clipping decision is not made on a bf16 norm. DTensor-aware: with
+    sharded (--fsdp) gradients the total norm spans every shard.
+    """
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if all(g.dtype in (torch.float32, torch.float64) for g in grads):
+        return _replicated(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    norm = torch.nn.utils.get_total_norm([g.detach().float() for g in grads])
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return _replicated(norm)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _replicated(norm: torch.Tensor) -> torch.Tensor:
