@@ -121,23 +121,32 @@ def test_encoder_format_is_the_reference_release_layout(mae, tmp_path):
 # ----------------------------------------------------------------------------
 # Hugging Face
 
-def test_mae_to_hugging_face_round_trip_and_forward(mae, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    model, path = mae
-    assert _export(path, "hf", tmp_path / "hf").returncode == 0
-    back = formats.read_weights(str(tmp_path / "hf"), "hf")
-    expected = model.state_dict()
-    assert back.keys() == expected.keys() and all(torch.equal(back[k], expected[k]) for k in expected)
-    theirs, info = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+def _assert_hf_mae_computes_ours(model, folder):
+    """ViTMAEForPreTraining loads `folder` with an empty loading report and computes our loss, predictions and
+    mask for the same noise."""
+    import transformers
+
+    theirs, info = transformers.ViTMAEForPreTraining.from_pretrained(str(folder), output_loading_info=True)
     assert not any(info.values()), info  # an empty loading report
     theirs.eval()
-    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    size = model.patch_embed.img_size[0]
+    x, noise = torch.randn(2, 3, size, size), torch.rand(2, model.patch_embed.num_patches)
     with torch.no_grad():
         loss, pred, mask = model(x, mask_ratio=0.75, noise=noise)
         out = theirs(pixel_values=x, noise=noise)
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.logits, pred, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.mask, mask)
+
+
+def test_mae_to_hugging_face_round_trip_and_forward(mae, tmp_path):
+    pytest.importorskip("transformers")
+    model, path = mae
+    assert _export(path, "hf", tmp_path / "hf").returncode == 0
+    back = formats.read_weights(str(tmp_path / "hf"), "hf")
+    expected = model.state_dict()
+    assert back.keys() == expected.keys() and all(torch.equal(back[k], expected[k]) for k in expected)
+    _assert_hf_mae_computes_ours(model, tmp_path / "hf")
 
 
 def test_classifier_to_hugging_face(classifier, tmp_path):
@@ -248,3 +257,99 @@ def test_mae_with_encoder_mask_token_exports_its_encoder_to_timm_only(tmp_path):
     assert "encoder_mask_token" not in back and back.keys() == _encoder(model).keys() - {"encoder_mask_token"}
     proc = _export(path, "hf", tmp_path / "hf")
     assert proc.returncode == 2 and "--encoder_mask_token" in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# every registered model, at one block and a 2x2 grid but its own width (which picks timm's name)
+
+TIMM_NAMES = {  # registered ViT (and MAE encoder) -> the timm architecture its export names
+    "vit_micro_patch4": "vit_base_patch16_224",  # no timm name of width 96: the plain ViT, sized by model_args
+    "vit_tiny_patch4": "vit_tiny_patch16_224",  # no patch-4 names in timm: the one of this width
+    "vit_tiny_patch16": "vit_tiny_patch16_224",
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+    "vit_giant_patch14": "vit_giant_patch14_224",
+}
+
+
+def _constructors(module):
+    """One name per constructor (aliases are the same function)."""
+    return sorted({module.MODELS[name].__name__ for name in module.model_names()})
+
+
+def _random(build, seed, **kwargs):
+    """build(**kwargs) with random weights instead of initialised ones (cheap at ViT-g's width): N(0, 0.05),
+    LayerNorm scales N(1, 0.05)."""
+    with torch.device("meta"):
+        model = build(**kwargs)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.normal_(0.0, 0.05)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.add_(1.0)
+    return model.eval()
+
+
+def _grid_2x2(name):
+    """The image size that makes a 2x2 grid of the registered model's patches."""
+    return 2 * (14 if "patch14" in name else 4 if "patch4" in name else 16)
+
+
+def _small_mae(name, seed):
+    """The registered MAE `name` with one encoder and one decoder block, on a 2x2 grid."""
+    return _random(models_mae.MODELS[name], seed, img_size=_grid_2x2(name), depth=1, decoder_depth=1)
+
+
+def _timm_builds(folder, expected_architecture):
+    """The export built both documented ways: from the folder, and from its architecture name with model_args
+    and the file."""
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == expected_architecture and timm.is_model(expected_architecture)
+    by_folder = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    # the class count in the overlay too: timm drops a head whose count differs from the name's default (1000)
+    by_name = timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
+                                pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
+                                                            num_classes=config["num_classes"]))
+    return by_folder.eval(), by_name.eval()
+
+
+@pytest.mark.parametrize("name", _constructors(models_mae))
+def test_every_registered_mae_exports_its_encoder_to_timm(name, tmp_path):
+    model = _small_mae(name, 5)
+    size = model.patch_embed.img_size[0]
+    path = _save(model, tmp_path / "m", model=name, input_size=size)
+    export_lib.export(path, "timm", str(tmp_path / "timm"))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():  # every patch visible, in order: the encoder's output for the whole image
+        ours = model.forward_encoder(x, 0.0, noise=torch.arange(4.0).expand(2, 4))[0]
+        for theirs in _timm_builds(tmp_path / "timm", TIMM_NAMES[name[len("mae_"):].split("_dec")[0]]):
+            assert theirs.num_classes == 0
+            torch.testing.assert_close(theirs.forward_features(x), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", _constructors(models_vit))
+def test_every_registered_vit_exports_to_timm(name, tmp_path):
+    size = _grid_2x2(name)
+    model = _random(models_vit.MODELS[name], 6, img_size=size, depth=1, num_classes=5, global_pool=False)
+    path = _save(model, tmp_path / "v", model=name, input_size=size, global_pool=False)
+    export_lib.export(path, "timm", str(tmp_path / "timm"))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        for theirs in _timm_builds(tmp_path / "timm", TIMM_NAMES[name]):
+            assert theirs.global_pool == "token" and theirs.num_classes == 5
+            torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_micro_patch4_dec64d2b", "mae_vit_giant_patch14_dec512d8b"])
+def test_patch4_and_giant_maes_export_to_hugging_face(name, tmp_path):
+    # ViT-g's MLP ratio 48/11 (decoder's 4) travels as intermediate_size (6144) and decoder_intermediate_size
+    pytest.importorskip("transformers")
+    model = _small_mae(name, 7)
+    path = _save(model, tmp_path / "m", model=name, input_size=model.patch_embed.img_size[0], mask_ratio=0.75)
+    export_lib.export(path, "hf", str(tmp_path / "hf"))
+    _assert_hf_mae_computes_ours(model, tmp_path / "hf")

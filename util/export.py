@@ -9,7 +9,6 @@ strictly into this code's model, so an export never silently drops or invents a 
   classifier (`config.json` + `model.safetensors` in the Hugging Face Hub's names);
 - encoder: `model.pth` holding `{'model': state dict}`, as the reference's released weights.
 """
-import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -27,7 +26,9 @@ from util.logger import log
 from util.transforms import eval_crop_pct
 
 FORMATS = ("timm", "hf", "encoder")
-SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}  # width -> size name
+# width -> size name, as in our model names (timm has no "micro")
+SIZES = {96: "micro", 192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge", 1408: "giant"}
+TIMM_PLAIN_VIT = "vit_base_patch16_224"  # timm's plain ViT, for widths timm has no name for (model_args size it)
 HF_INSTALL = "pip install -r requirements-hf.txt"
 
 
@@ -106,32 +107,38 @@ def encoder_state_dict(kind: str, model: torch.nn.Module) -> Dict[str, torch.Ten
 def _layout(model: torch.nn.Module) -> Dict[str, Any]:
     block = model.blocks[0]
     return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
-                embed_dim=model.cls_token.shape[-1], depth=len(model.blocks), num_heads=block.attn.num_heads,
-                mlp_dim=block.mlp.fc1.out_features)
+                in_chans=model.patch_embed.proj.in_channels, embed_dim=model.cls_token.shape[-1],
+                depth=len(model.blocks), num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features)
+
+
+def timm_architecture(width: int, patch: int) -> str:
+    """The timm ViT name for this width and patch where timm has one (`vit_giant_patch14_224`), else the one of
+    this width (`vit_tiny_patch16_224` for ViT-Ti/4), else timm's plain ViT; the export's model_args give the
+    sizes either way."""
+    size = SIZES.get(width)
+    candidates = (f"vit_{size}_patch{patch}_224", f"vit_{size}_patch16_224") if size else ()
+    return next((name for name in candidates if timm.is_model(name)), TIMM_PLAIN_VIT)
 
 
 def export_timm(kind: str, model: torch.nn.Module, output_dir: str) -> None:
     """model.safetensors + config.json for timm.create_model (local-dir:, hf-hub:, or pretrained_cfg_overlay)."""
     lay = _layout(model)
-    size = SIZES.get(lay["embed_dim"], "base")
     classifier = kind == "classifier"
     global_pool = "avg" if classifier and getattr(model, "global_pool", "") == "avg" else "token"
-    model_args = dict(img_size=lay["img_size"], patch_size=lay["patch_size"], embed_dim=lay["embed_dim"],
-                      depth=lay["depth"], num_heads=lay["num_heads"], mlp_ratio=lay["mlp_dim"] / lay["embed_dim"],
+    # every size, so that the architecture name's own defaults decide nothing
+    model_args = dict(img_size=lay["img_size"], patch_size=lay["patch_size"], in_chans=lay["in_chans"],
+                      embed_dim=lay["embed_dim"], depth=lay["depth"], num_heads=lay["num_heads"],
+                      mlp_ratio=lay["mlp_dim"] / lay["embed_dim"],
                       num_classes=model.num_classes if classifier else 0, global_pool=global_pool)
-    timm_model = timm.create_model(
-        f"vit_{size}_patch{lay['patch_size']}_224", pretrained=False, **model_args,
-        pretrained_cfg_overlay=dict(tag="mae", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                                    crop_pct=eval_crop_pct(lay["img_size"]), interpolation="bicubic", license=None))
-    timm_model.load_state_dict(encoder_state_dict(kind, model), strict=True)
-    timm.models.save_for_hf(timm_model, output_dir, safe_serialization=True)
-    # the size arguments, also where this timm's save_for_hf does not record them
-    config_path = os.path.join(output_dir, "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config["model_args"] = {**config.get("model_args", {}), **model_args}
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+    with torch.device("meta"):  # not initialised: every weight is then ours
+        timm_model = timm.create_model(
+            timm_architecture(lay["embed_dim"], lay["patch_size"]), pretrained=False, **model_args,
+            pretrained_cfg_overlay=dict(tag="mae", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                                        crop_pct=eval_crop_pct(lay["img_size"]), interpolation="bicubic",
+                                        license=None))
+    timm_model.load_state_dict(encoder_state_dict(kind, model), strict=True, assign=True)
+    # model_args also where this timm's save_for_hf does not record the factory's arguments itself
+    timm.models.save_for_hf(timm_model, output_dir, model_args=model_args, safe_serialization=True)
 
 
 def export_hf(kind: str, model: torch.nn.Module, output_dir: str, mask_ratio: float = 0.75) -> None:
@@ -153,7 +160,7 @@ def export_hf(kind: str, model: torch.nn.Module, output_dir: str, mask_ratio: fl
     lay = _layout(model)
     common = dict(hidden_size=lay["embed_dim"], num_hidden_layers=lay["depth"], num_attention_heads=lay["num_heads"],
                   intermediate_size=lay["mlp_dim"], image_size=lay["img_size"], patch_size=lay["patch_size"],
-                  num_channels=model.patch_embed.proj.in_channels, qkv_bias=True, layer_norm_eps=1e-6,
+                  num_channels=lay["in_chans"], qkv_bias=True, layer_norm_eps=1e-6,
                   hidden_act="gelu")
     if kind == "mae":
         dec = model.decoder_blocks[0]
