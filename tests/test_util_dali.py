@@ -1,13 +1,16 @@
 """util/dali.py on DALI's CPU backend: the same files, labels, shards and order as the torch loaders, the
-crop statistics of torchvision's RandomResizedCrop, eval_transform's output, bad files, and tiny runs of
-the three entry points with --data_loader dali (the one-line error without DALI: test_main_pretrain.py)."""
+crop statistics of torchvision's RandomResizedCrop, eval_transform's output, the torch loader's pixels
+(16-bit images, EXIF orientation), bad files, and tiny runs of the three entry points with
+--data_loader dali (the one-line error without DALI: test_main_pretrain.py)."""
 import argparse
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import SequentialSampler
 from torchvision import transforms
 
@@ -16,7 +19,7 @@ import main_linprobe
 import main_pretrain
 import util.dali as dali
 from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
-from util.datasets import ImageFolder, ResumableSampler, ShardSampler, train_loader
+from util.datasets import ImageFolder, ResumableSampler, ShardSampler, load_image, train_loader
 from util.errors import DataError, UserError
 from util.transforms import eval_transform
 
@@ -226,6 +229,135 @@ def test_rand_augment_strings():
 def test_substitutes_follow_image_folder_load():
     assert dali.substitutes(5, [1, 2]).tolist() == [0, 3, 3, 3, 4]
     assert dali.substitutes(4, [3]).tolist() == [0, 1, 2, 0]
+
+
+# ----------------------------------------------------------------------------
+# the torch loader's images: 16-bit values, EXIF orientation
+
+RAMP16 = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value once
+
+
+def _png16(path, values):
+    """A 16-bit PNG of uint16 `values` ([H, W, 2] grey + alpha, [H, W, 3] RGB, [H, W, 4] RGBA), written from the
+    PNG specification (PIL writes 16-bit grey only)."""
+    values = np.asarray(values, dtype=">u2")  # samples big-endian
+    h, w, c = values.shape
+    rows = b"".join(b"\x00" + row.tobytes() for row in values)  # filter type 0 on every row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                + chunk(b"IEND", b""))
+
+
+def _tiff16(path, values):
+    """An uncompressed little-endian 16-bit RGB(A) TIFF of uint16 `values` [H, W, 3 or 4] (PIL writes 16-bit grey
+    only): header, pixels, BitsPerSample values, then the directory."""
+    values = np.asarray(values, dtype="<u2")
+    h, w, c = values.shape
+    pixels, bits = values.tobytes(), struct.pack(f"<{c}H", *[16] * c)
+    bits_at = 8 + len(pixels)
+    tags = [(256, 1, w), (257, 1, h), (258, c, bits_at), (259, 1, 1), (262, 1, 2), (273, 1, 8), (277, 1, c),
+            (278, 1, h), (279, 1, len(pixels)), (284, 1, 1)] + ([(338, 1, 2)] if c == 4 else [])  # 338: alpha
+    longs = (273, 279)  # strip offset and size: LONG values; the rest SHORT, BitsPerSample's by offset
+    directory = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, 4 if tag in longs else 3, n)
+        + (struct.pack("<I", value) if tag in longs or n > 1 else struct.pack("<HH", value, 0))
+        for tag, n, value in tags) + struct.pack("<I", 0)
+    with open(path, "wb") as f:
+        f.write(b"II*\x00" + struct.pack("<I", bits_at + len(bits)) + pixels + bits + directory)
+
+
+def _dali_decode(paths):
+    """Each file through DALI's CPU decoder as define_pipeline calls it: [H, W, 3] uint8 arrays."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None)
+    def pipeline():
+        encoded, _ = fn.readers.file(files=[str(p) for p in paths])
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+    pipe = pipeline()
+    pipe.build()
+    (out,) = pipe.run()
+    return [np.array(out[i]) for i in range(len(paths))]
+
+
+def test_16bit_grey_images_decode_bit_for_bit_as_the_torch_loader_opens_them(tmp_path):
+    paths = [tmp_path / "grey.png", tmp_path / "grey.tif", tmp_path / "grey_lzw.tif"]
+    for path in paths:
+        Image.fromarray(RAMP16).save(path, **({"compression": "tiff_lzw"} if "lzw" in path.name else {}))
+    # DALI's scale, derived from the ramp: round(v / 257) (never a tie), not v >> 8, on every 16-bit value
+    expected = np.repeat(np.round(RAMP16 / 257).astype(np.uint8)[..., None], 3, -1)
+    assert (expected[..., 0] != RAMP16 >> 8).mean() > 0.2
+    for path, got in zip(paths, _dali_decode(paths)):
+        np.testing.assert_array_equal(got, expected, err_msg=path.name)
+        np.testing.assert_array_equal(np.asarray(load_image(str(path))), expected, err_msg=path.name)
+
+    # and through both validation pipelines: uniform images, which every resize keeps
+    d = tmp_path / "uniform" / "class0"
+    d.mkdir(parents=True)
+    for name, value in (("mid.png", 32768), ("dark.tif", 100 * 257 + 200)):  # 128, and 101 (not 100 = v >> 8)
+        Image.fromarray(np.full((40, 48), value, dtype=np.uint16)).save(d / name)
+    dataset = ImageFolder(str(tmp_path / "uniform"))
+    loader = dali.DaliLoader(dataset, SequentialSampler(dataset), dali.eval_aug(32), 2, 1, CPU, 0, False)
+    images, _ = _batches(loader)
+    reference = torch.stack([eval_transform(32)(dataset.load(i)[0]) for i in range(2)])
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(images, reference, rtol=0, atol=1e-5)
+    grey = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) + reference * std  # back to [0, 1]
+    assert torch.allclose(grey * 255, torch.tensor([101.0, 128.0]).view(2, 1, 1, 1), atol=1e-3)
+
+
+def test_16bit_colour_images_are_at_most_one_level_apart(tmp_path):
+    # PIL opens 16-bit colour PNGs and TIFFs as 8 bits itself, keeping the high byte (v >> 8); DALI rounds
+    rgb = np.stack([RAMP16, 65535 - RAMP16, np.roll(RAMP16, 12345)], -1)  # [H, W, 3]
+    alpha = np.full((256, 256, 1), 40000, dtype=np.uint16)
+    grey_alpha = np.concatenate([RAMP16[..., None], alpha], -1)
+    cases = [("rgb.png", _png16, rgb, rgb), ("rgba.png", _png16, np.concatenate([rgb, alpha], -1), rgb),
+             ("la.png", _png16, grey_alpha, np.repeat(RAMP16[..., None], 3, -1)), ("rgb.tif", _tiff16, rgb, rgb)]
+    for name, write, values, _ in cases:
+        write(tmp_path / name, values)
+    decoded = _dali_decode([tmp_path / name for name, *_ in cases])
+    for (name, _, _, colour), got in zip(cases, decoded):
+        np.testing.assert_array_equal(got, np.round(colour / 257).astype(np.uint8), err_msg=name)  # alpha dropped
+        diff = got.astype(int) - np.asarray(load_image(str(tmp_path / name))).astype(int)
+        assert np.abs(diff).max() == 1, name  # round(v / 257) against v >> 8: -1, 0 or +1
+
+
+def _exif_rotated_jpeg(path, w=80, h=48):
+    """A w x h JPEG, R = 3x and G = 5y, whose EXIF orientation (6) asks viewers to turn it 90 degrees."""
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.stack([3 * x, 5 * y, np.full_like(x, 128)], -1).astype(np.uint8)).save(path, exif=exif,
+                                                                                               quality=95)
+
+
+def test_exif_orientation_is_ignored_as_by_the_torch_loader(tmp_path):
+    (tmp_path / "d" / "class0").mkdir(parents=True)
+    path = str(tmp_path / "d" / "class0" / "turned.jpg")
+    _exif_rotated_jpeg(path)
+    dataset = ImageFolder(str(tmp_path / "d"))
+    assert dataset.load(0)[0].size == (80, 48)  # PIL does not turn it
+    loader = dali.DaliLoader(dataset, SequentialSampler(dataset), dali.eval_aug(32), 1, 1, CPU, 0, False)
+    images, _ = _batches(loader)
+    reference = eval_transform(32)(dataset.load(0)[0])[None]
+    turned = eval_transform(32)(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))[None]
+    # the two resizes (and JPEG decoders) differ by a mean of about 0.004 here; the turned image by 0.66 (40 levels)
+    assert (images - reference).abs().mean().item() < 0.05
+    assert (turned - reference).abs().mean().item() > 0.5
+
+    # the training pipeline's random-crop decoder: R still rises along the width (flipped or not), not the height
+    pipe = dali.PipelineFactory(dali.pretrain_aug(32), 8, 1, None).build([path] * 8, [0] * 8, seed=0)
+    red = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))[:, 0]  # [N, H, W]
+    along_w, along_h = red.mean(1), red.mean(2)  # [N, W], [N, H]
+    assert ((along_w.amax(1) - along_w.amin(1)) > 10 * (along_h.amax(1) - along_h.amin(1))).all()
 
 
 # ----------------------------------------------------------------------------

@@ -350,13 +350,14 @@ def define_pipeline(file_list: str, aug: DaliAug, batch_size: int, num_threads: 
         decoder = "mixed" if gpu else "cpu"
         mirror = fn.random.coin_flip(probability=aug.hflip) if aug.train and aug.hflip > 0 else 0
         crop: Dict[str, Any] = {}
+        # adjust_orientation=False: both decoders ignore the EXIF orientation, as the torch loader (PIL) does
         if aug.train and not aug.crop_fixed:
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                                   random_area=list(aug.scale), random_aspect_ratio=list(aug.ratio),
-                                                   num_attempts=aug.attempts)
+                                                   adjust_orientation=False, random_area=list(aug.scale),
+                                                   random_aspect_ratio=list(aug.ratio), num_attempts=aug.attempts)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
         else:
-            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
             images = fn.resize(images, resize_shorter=aug.resize, interp_type=types.INTERP_CUBIC, antialias=True)
             crop = dict(crop=[size, size], crop_pos_x=0.5, crop_pos_y=0.5)
             if aug.crop_fixed:

@@ -1,4 +1,5 @@
-"""Datasets and their loaders: ImageFolder that survives bad files, the training and validation loaders.
+"""Datasets and their loaders: opening an image, ImageFolder that survives bad files, the training and validation
+loaders.
 
 `build_dataset` and `build_transform` are the reference's names (the transforms themselves live in
 util/transforms.py).
@@ -20,7 +21,40 @@ from util.logger import log, warn
 from util.transforms import build_transform
 
 __all__ = ["ImageFolder", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform", "check_one_batch",
-           "eval_loader", "split_folder", "train_loader"]
+           "eval_loader", "load_image", "split_folder", "to_8bit", "train_loader"]
+
+
+# ----------------------------------------------------------------------------
+# opening an image
+
+_GREY_16BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": how some Pillow versions open 16-bit grey
+
+
+def to_8bit(values: np.ndarray) -> np.ndarray:
+    """16-bit values (0-65535) as uint8, scaled as DALI's decoders scale them: round(v / 257) = (v + 128) // 257."""
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def load_image(path: str) -> Image.Image:
+    """ImageFolder's loader: the file as an 8-bit RGB PIL image, 16-bit grey scaled to 8 bits as DALI scales it.
+
+    As torchvision's default loader (grey replicated to RGB, alpha dropped, the EXIF orientation not
+    applied), except that 16-bit grey images (PNG, TIFF) go through `to_8bit` instead of saturating at
+    255, and that images with no 8-bit scale (32-bit integers outside 0-65535, floats) raise ValueError
+    instead of being clipped. PIL opens 16-bit colour images as 8 bits itself, keeping each value's high
+    byte (v >> 8): at most one level below DALI's round(v / 257).
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.mode in _GREY_16BIT:
+            values = np.asarray(img)  # [H, W]
+            if values.min() < 0 or values.max() > 65535:
+                raise ValueError(f"{img.mode} image with values {values.min()} to {values.max()}, outside the "
+                                 f"16-bit range 0-65535: no 8-bit scale without clipping")
+            return Image.fromarray(to_8bit(values), "L").convert("RGB")
+        if img.mode == "F":
+            raise ValueError("32-bit floating-point image: its value range is not defined; save it with 8 or 16 bits")
+        return img.convert("RGB")
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -37,7 +71,7 @@ class ImageFolder(datasets.ImageFolder):
             raise DataError(f"image folder not found: {root}; --data_path must contain "
                             f"train/ and val/ folders of class sub-folders")
         try:
-            super().__init__(root, transform=transform)
+            super().__init__(root, transform=transform, loader=load_image)
         except FileNotFoundError as e:
             raise DataError(f"no images in {root} ({e}); expected {root}/<class>/<image> files") from None
         self.strict = strict
