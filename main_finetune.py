@@ -90,11 +90,11 @@ def build_mixup(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> dict:
     """Fine-tune (or with --eval, evaluate) a ViT on args.data_path/{train,val}."""
-    device = runner.setup(args)
+    device = runner.setup(args, "main_finetune")
 
-    model = models_vit.create_model(args.model, num_classes=args.nb_classes, drop_path_rate=args.drop_path,
-                                    global_pool=args.global_pool, img_size=args.input_size, attn=args.attn,
-                                    patch_embed=args.patch_embed)
+    model = runner.build_model(models_vit.create_model, args.model, num_classes=args.nb_classes,
+                               drop_path_rate=args.drop_path, global_pool=args.global_pool, img_size=args.input_size,
+                               attn=args.attn, patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
     # the training augmentation only when training: an --aa DALI cannot run must not stop an --eval run
     dali_augs = (None if args.eval else finetune_aug(args), eval_aug(args.input_size)) \
@@ -108,6 +108,8 @@ def main(args: argparse.Namespace) -> dict:
         load_pretrained(model, args.finetune, args.global_pool)
         # manually initialize fc layer
         trunc_normal_(model.head.weight, std=2e-5)
+    elif args.eval:
+        runner.eval_weights(args, model)
     if args.finetune_blocks is not None:
         try:
             model.train_last_blocks(args.finetune_blocks)

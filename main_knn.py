@@ -23,6 +23,8 @@ from util.errors import UserError
 from util.knn import knn_evaluate, knn_ks, knn_loaders
 from util.logger import log
 
+KNN_LOG = "knn_log.txt"  # one line per evaluation, appended
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     """k-NN flags (the reference's style; defaults as DINO's k-NN evaluation)."""
@@ -55,10 +57,10 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(str(e)) from None
     if args.temperature <= 0:
         raise UserError(f"--temperature must be more than 0, got {args.temperature}")
-    device = runner.setup(args)
+    device = runner.setup(args, "main_knn")
 
-    model = models_vit.create_model(args.model, num_classes=0, global_pool=args.global_pool,
-                                    img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed)
+    model = runner.build_model(models_vit.create_model, args.model, num_classes=0, global_pool=args.global_pool,
+                               img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
     load_pretrained(model, args.finetune, args.global_pool)
     model.to(device).eval()
@@ -67,8 +69,9 @@ def main(args: argparse.Namespace) -> dict:
                                            args.pin_mem, strict=args.strict_data)
     log(f"k-NN on {len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images")
     results = knn_evaluate(model, train_loader, val_loader, device, ks, args.temperature, args.amp)
-    if args.output_dir and is_main_process():
-        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+    if args.output_dir and is_main_process():  # its own file: --output_dir may hold a training run
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, KNN_LOG), "a") as f:
             f.write(json.dumps({"checkpoint": args.finetune, **{f"{k}nn_top1": r[0] for k, r in results.items()},
                                 **{f"{k}nn_top5": r[1] for k, r in results.items()}}) + "\n")
     return results

@@ -36,10 +36,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     """Train (or with --eval, evaluate) a linear classifier on frozen encoder features."""
-    device = runner.setup(args)
+    device = runner.setup(args, "main_linprobe")
 
-    model = models_vit.create_model(args.model, num_classes=args.nb_classes, global_pool=args.global_pool,
-                                    img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed)
+    model = runner.build_model(models_vit.create_model, args.model, num_classes=args.nb_classes,
+                               global_pool=args.global_pool, img_size=args.input_size, attn=args.attn,
+                               patch_embed=args.patch_embed)
     runner.check_input_size(args.input_size, model)
     scale = crop_scale(args, LINPROBE_SCALE)
     dali_augs = (linprobe_aug(True, args.input_size, args.hflip, scale),
@@ -63,6 +64,8 @@ def main(args: argparse.Namespace) -> dict:
         p.requires_grad = False
     for _, p in model.head.named_parameters():
         p.requires_grad = True
+    if args.eval:
+        runner.eval_weights(args, model)
 
     model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
 

@@ -15,7 +15,7 @@ import util.cli as cli
 import util.perf as perf
 import util.runner as runner
 from engine_pretrain import train_one_epoch
-from util.dali import make_train_loader, pretrain_aug
+from util.dali import pretrain_aug
 from util.datasets import build_dataset
 from util.errors import UserError
 from util.knn import encoder_features, knn_evaluate, knn_loaders
@@ -117,19 +117,15 @@ def log_reconstructions(log_writer, model: torch.nn.Module, images: torch.Tensor
 def main(args: argparse.Namespace) -> None:
     """Pre-train an MAE on the ImageFolder at args.data_path/train."""
     check_args(args)
-    device = runner.setup(args)
+    device = runner.setup(args, "main_pretrain")
 
     # define the model first: a wrong name or size fails before any data is read
     decoder = {k: getattr(args, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
                if getattr(args, k) is not None}
-    try:
-        model = models_mae.create_model(args.model, norm_pix_loss=args.norm_pix_loss, img_size=args.input_size,
-                                        attn=args.attn, patch_embed=args.patch_embed, mask_type=args.mask_type,
-                                        encoder_mask_token=args.encoder_mask_token,
-                                        loss_on_visible=args.loss_on_visible, **decoder)
-    except AssertionError as e:  # timm's check that the width divides into the heads
-        raise UserError(f"the decoder does not fit ({e}); choose --decoder_embed_dim divisible by "
-                        f"--decoder_num_heads") from None
+    model = runner.build_model(models_mae.create_model, args.model, norm_pix_loss=args.norm_pix_loss,
+                               img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed,
+                               mask_type=args.mask_type, encoder_mask_token=args.encoder_mask_token,
+                               loss_on_visible=args.loss_on_visible, **decoder)
     runner.check_input_size(args.input_size, model)
     try:
         check_mask_type(args.mask_type, args.mask_ratio, model.patch_embed.grid_size)
@@ -143,8 +139,7 @@ def main(args: argparse.Namespace) -> None:
     log(dataset_train)
     dali_aug = pretrain_aug(args.input_size, args.pretrain_aug, args.hflip, scale) \
         if args.data_loader == "dali" else None
-    data_loader_train = make_train_loader(args.data_loader, dataset_train, dali_aug, args.batch_size, args.num_workers,
-                                          args.pin_mem, args.seed, device)
+    data_loader_train = runner.train_loader(args, dataset_train, dali_aug, device)
 
     model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile, fsdp=args.fsdp,
                                                     amp=args.amp, grad_checkpointing=args.grad_checkpointing)
@@ -156,6 +151,7 @@ def main(args: argparse.Namespace) -> None:
     loss_scaler = make_loss_scaler(args.amp, device)
 
     position = runner.position_in_epoch(restore(args, model_without_ddp, optimizer, loss_scaler), dataset_train, args)
+    runner.start_run(args)
     log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
 
     if args.fsdp and args.vis_freq and log_writer is not None:

@@ -68,10 +68,10 @@ def write_digits(root: str, input_size: int, val_fraction: float = 0.2, seed: in
     return counts
 
 
-def read_log(output_dir: str) -> List[dict]:
-    """The JSON lines of a stage's log.txt ([] before its first epoch ends)."""
+def read_log(output_dir: str, name: str = "log.txt") -> List[dict]:
+    """The JSON lines of a stage's log.txt (main_knn.py: knn_log.txt; [] before its first epoch ends)."""
     try:
-        with open(os.path.join(output_dir, "log.txt")) as f:
+        with open(os.path.join(output_dir, name)) as f:
             return [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
@@ -207,8 +207,8 @@ def build_stages(args: argparse.Namespace, data: str, out: str) -> Dict[str, tup
 def summarize(out: str, seconds: Dict[str, float], counts: Dict[str, int], input_size: int) -> dict:
     """summary.json's content, read from the stages' log.txt files."""
     pre = read_log(os.path.join(out, "pretrain"))
-    last = {name: read_log(os.path.join(out, name))[-1] for name in
-            ("linprobe_mae", "linprobe_random", "finetune_mae", "finetune_scratch", "knn_mae", "knn_random")}
+    last = {name: read_log(os.path.join(out, name), "knn_log.txt" if name.startswith("knn") else "log.txt")[-1]
+            for name in ("linprobe_mae", "linprobe_random", "finetune_mae", "finetune_scratch", "knn_mae", "knn_random")}
     losses = [round(e["train_loss"], 4) for e in pre]
     return {
         "pretrain_loss_first": pre[0]["train_loss"],

@@ -44,16 +44,25 @@ def run_script(script, *args, timeout=240, env=None, check=True, cwd=ROOT):
     return proc
 
 
+def one_error_line(err):
+    """The single `error:` line of a failed run's stderr (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc, script, *args, timeout=240):
-    """Run a script under torchrun on this machine (CPU, gloo)."""
+def run_torchrun(nproc, script, *args, timeout=240, launcher="torch.distributed.run"):
+    """Run a script under torchrun on this machine (CPU, gloo); launcher="torch.distributed.launch" is the
+    reference's launcher, which passes --local-rank=N to the script."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    cmd = [sys.executable, "-m", launcher, "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(ROOT, script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
@@ -63,9 +72,9 @@ def run_torchrun(nproc, script, *args, timeout=240):
     return proc
 
 
-def read_log(output_dir):
-    """log.txt as a list of dicts."""
-    with open(os.path.join(output_dir, "log.txt")) as f:
+def read_log(output_dir, name="log.txt"):
+    """log.txt (or another JSON-lines file) as a list of dicts."""
+    with open(os.path.join(output_dir, name)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -119,7 +119,7 @@ def test_quickstart_stages_run_through_the_entry_points_and_are_summarised(tmp_p
     small = ["--batch_size", 4, "--num_workers", 0]  # the last value of a flag wins: few images here
     for name, (script, flags, stage_dir, epochs) in stages.items():
         run_entry(modules[script], *flags, *small)
-        assert len(quickstart.read_log(stage_dir)) == (epochs or 1)
+        assert len(quickstart.read_log(stage_dir, "log.txt" if epochs else "knn_log.txt")) == (epochs or 1)
 
     seconds = {name: 1.0 for name in stages}
     summary = quickstart.finish(str(out), data, seconds, {"train": 20, "val": 10}, 32, time.time() - 5)
@@ -129,7 +129,7 @@ def test_quickstart_stages_run_through_the_entry_points_and_are_summarised(tmp_p
     assert summary["pretrain_loss"] == [round(e["train_loss"], 4) for e in pre] and len(pre) == 2
     assert summary["pretrain_loss_first"] == pre[0]["train_loss"]
     assert summary["finetune_acc1_scratch"] == quickstart.read_log(str(out / "finetune_scratch"))[-1]["test_acc1"]
-    assert summary["knn_acc1_mae"] == quickstart.read_log(str(out / "knn_mae"))[-1]["20nn_top1"]
+    assert summary["knn_acc1_mae"] == quickstart.read_log(str(out / "knn_mae"), "knn_log.txt")[-1]["20nn_top1"]
     for key in ("linprobe_acc1_mae", "linprobe_acc1_random", "knn_acc1_random", "finetune_acc1_mae"):
         assert 0 <= summary[key] <= 100
     assert set(summary["meaning"]) == {"pretrain_loss", "linprobe_acc1", "knn_acc1", "finetune_acc1"}

@@ -18,7 +18,7 @@ LAYERS = [
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("sharding", ["util.sharding"]),
-    ("checkpoint", ["util.formats", "util.checkpoint", "util.resume", "util.preemption"]),
+    ("checkpoint", ["util.formats", "util.checkpoint", "util.runs", "util.resume", "util.preemption"]),
     ("data", ["util.transforms", "util.datasets", "util.dali"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop", "util.knn"]),

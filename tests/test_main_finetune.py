@@ -68,6 +68,10 @@ def test_finetune_end_to_end(cls_data, pretrained, tmp_path, extra):
     assert acc1 == pytest.approx(rows[0]["test_acc1"], abs=1e-3)
     assert loss == pytest.approx(rows[0]["test_loss"], abs=2e-3)
     assert "Accuracy of the network on the 7 test images" in proc.stdout
+    # --eval --finetune evaluates the same weights, loaded by the fine-tuning rules
+    proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--eval",
+                     "--finetune", out / "checkpoint-0.pth", "--output_dir", "", *extra)
+    assert acc_line(proc.stdout) == (acc1, acc5, loss)
 
 
 @pytest.mark.e2e
@@ -86,6 +90,14 @@ def test_linprobe_keeps_encoder_bitwise(cls_data, pretrained, tmp_path):
     assert not torch.equal(model["head.0.running_mean"], torch.zeros_like(model["head.0.running_mean"]))
     assert "mu" in next(iter(ckpt["optimizer"]["state"].values()))  # LARS momentum buffers
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    # --eval --finetune evaluates the probe as --eval --resume does; a pre-training checkpoint has no head to evaluate
+    evals = [acc_line(run_entry(main_linprobe, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--eval", flag,
+                                out / "checkpoint-last.pth", "--output_dir", "").stdout)
+             for flag in ("--resume", "--finetune")]
+    assert evals[0] == evals[1] and evals[0][0] == pytest.approx(read_log(out)[-1]["test_acc1"], abs=1e-3)
+    proc = run_entry(main_linprobe, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--eval", "--finetune",
+                     pretrained, "--output_dir", "", check=False)
+    assert proc.returncode == 2 and "has no trained classifier head" in proc.stderr
 
 
 @pytest.mark.e2e
@@ -120,7 +132,8 @@ def test_dist_eval_counts_each_image_once(cls_data, pretrained, tmp_path):
     args = [*TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--eval", "--resume",
             tmp_path / "classifier.pth", "--output_dir", "", "--batch_size", "2"]
     single = acc_line(run_entry(main_finetune, *args).stdout)
-    proc = run_torchrun(2, "main_finetune.py", *args, "--dist_eval")
+    # the reference's single-node command: python -m torch.distributed.launch (passes --local-rank=N)
+    proc = run_torchrun(2, "main_finetune.py", *args, "--dist_eval", launcher="torch.distributed.launch")
     assert "does not divide evenly" in proc.stderr
     dist = acc_line(proc.stdout)
     assert dist[0] == pytest.approx(single[0], abs=1e-6)

@@ -1,6 +1,7 @@
 """main_knn.py and util/knn.py: DINO's weighted k-NN vote, checked by hand and against scikit-learn; the
 tool on pre-training and fine-tuning checkpoints, sharded under torchrun; the monitor of pre-training."""
 import math
+import os
 
 import pytest
 import torch
@@ -61,7 +62,9 @@ def test_knn_tool_on_pretraining_and_finetuning_checkpoints(cls_data, pretrained
                      "--output_dir", tmp_path / "knn")
     lines = _lines(proc.stdout)
     assert len(lines) == 2 and lines[0].startswith("1-NN classifier result: Top1: ") and ", Top5: " in lines[0]
-    assert set(read_log(tmp_path / "knn")[0]) == {"checkpoint", "1nn_top1", "1nn_top5", "20nn_top1", "20nn_top5"}
+    assert set(read_log(tmp_path / "knn", "knn_log.txt")[0]) == {"checkpoint", "1nn_top1", "1nn_top5", "20nn_top1",
+                                                                  "20nn_top5"}
+    assert os.listdir(tmp_path / "knn") == ["knn_log.txt"]  # its own file only: the folder may hold a training run
     ft = tmp_path / "ft"
     run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1", "--finetune",
               pretrained, "--output_dir", ft, "--log_dir", "")
@@ -115,3 +118,15 @@ def test_different_class_folders_in_train_and_val_are_an_error(tmp_path):
     torch.save({"model": models_vit.vit_tiny_patch16(img_size=32, num_classes=0).state_dict()}, model)
     proc = run_entry(main_knn, *KNN, "--data_path", data, "--finetune", model, "--output_dir", "", check=False)
     assert proc.returncode == 2 and "different class folders (class2)" in proc.stderr
+
+
+def test_knn_similarities_stay_fp32_under_bf16_autocast():
+    # one class-0 neighbour at cosine 0.7517 against two class-1 ones at 0.701425 (k=3, T=0.07): class 0 wins by
+    # 2.5%; rounded to bf16 (steps of 1/256) the cosines become 0.75 and 0.703125 and class 1 would win
+    def unit(s):
+        return [s, math.sqrt(1 - s * s)]
+
+    train = torch.tensor([unit(0.7517), unit(0.701425), unit(0.701425)])
+    labels = torch.tensor([0, 1, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert knn_classify(train, labels, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), [3], 0.07)[3][0] == 100.0

@@ -18,7 +18,7 @@ import main_pretrain
 import util.cli as cli
 from conftest import make_image_folder
 from util.errors import CheckpointWriteError
-from helpers import ROOT, TINY_PRETRAIN, free_port, read_log, run_entry, run_script
+from helpers import ROOT, TINY_PRETRAIN, free_port, one_error_line, read_log, run_entry, run_script
 
 TINY_CLS = ["--model", "vit_tiny_patch16", "--input_size", "32", "--batch_size", "2", "--warmup_epochs", "1",
             "--num_workers", "0", "--device", "cpu", "--output_dir", "", "--log_dir", ""]
@@ -29,13 +29,6 @@ def run_in_process(module, argv):
     """(exit code, stderr) of the entry point's command-line path, in this process."""
     proc = run_entry(module, *argv, check=False)
     return proc.returncode, proc.stderr
-
-
-def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture
@@ -75,7 +68,8 @@ def test_script_exit_code_and_one_line_error(script, extra, tmp_path):
 @pytest.mark.parametrize("case", [
     "no_train", "empty_split", "unknown_model", "input_size", "mask_ratio_high", "mask_ratio_negative",
     "batch_size", "accum_iter", "epochs", "resume_missing", "resume_text", "resume_truncated", "resume_other_arch",
-    "resume_url", "device", "num_workers",
+    "resume_url", "device", "num_workers", "grid_mask_odd_grid", "decoder_width", "input_size_zero",
+    "accum_iter_beyond_the_epoch",
 ])
 def test_pretrain_errors(case, image_folder, tmp_path, bad_checkpoints):
     empty = tmp_path / "empty"
@@ -100,6 +94,16 @@ def test_pretrain_errors(case, image_folder, tmp_path, bad_checkpoints):
                        "cannot fetch checkpoint https://127.0.0.1"),
         "device": ([*base, "--device", "tpu0"], "--device tpu0 is not a device"),
         "num_workers": ([*base, "--num_workers", "-1"], "--num_workers must be 0 or more, got -1"),
+        "grid_mask_odd_grid": ([*base, "--input_size", "48", "--mask_type", "grid"],
+                               "cannot build --model mae_vit_tiny_patch16 with these flags: grid masking needs an even "
+                               "patch grid, got 3x3: use an image size that is an even multiple of the patch size"),
+        "decoder_width": ([*base, "--decoder_embed_dim", "66", "--decoder_num_heads", "2"],
+                          "position table needs a width divisible by 4, got 66"),
+        "input_size_zero": ([*base, "--input_size", "0"], "--input_size must be at least 1 pixel, got 0"),
+        # 8 images in batches of 4: 2 per epoch, so an update every 3 would never come
+        "accum_iter_beyond_the_epoch": ([*base, "--accum_iter", "3"],
+                                        "--accum_iter 3 is more than the 2 batch(es) of an epoch (8 images, "
+                                        "--batch_size 4 x 1 process(es)): no optimizer step would run"),
     }[case]
     code, err = run_in_process(main_pretrain, argv)
     assert code == 2
@@ -118,6 +122,35 @@ def test_classification_errors(module, tmp_path):
     code, err = run_in_process(module, [*TINY_CLS, "--data_path", both, "--nb_classes", "3",
                                         "--finetune", tmp_path / "none.pth"])
     assert code == 2 and f"checkpoint file not found: {tmp_path / 'none.pth'}" in one_error_line(err)
+    code, err = run_in_process(module, [*TINY_CLS, "--data_path", both, "--nb_classes", "3", "--eval",
+                                        "--output_dir", ""])
+    assert code == 2 and "--eval needs the weights to evaluate: --resume CKPT" in one_error_line(err)
+
+
+@pytest.mark.parametrize("module", [main_finetune, main_linprobe])
+@pytest.mark.parametrize("val_classes", [["class0", "class2"], ["class0", "class1", "class3"]],
+                         ids=["one-missing", "one-renamed"])
+def test_val_with_other_class_folders_than_train_is_refused(module, val_classes, tmp_path):
+    # labels are indices into each split's sorted class folders: a difference would shift every label after it
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=2, splits=("train",))
+    for name in val_classes:
+        make_image_folder(tmp_path / "v", classes=1, per_class=2, splits=("val",))
+        os.rename(tmp_path / "v" / "val" / "class0", tmp_path / f"{name}")
+        os.makedirs(os.path.join(root, "val"), exist_ok=True)
+        os.rename(tmp_path / name, os.path.join(root, "val", name))
+    odd = sorted({"class0", "class1", "class2"} ^ set(val_classes))
+    for extra in ([], ["--eval", "--finetune", tmp_path / "unused.pth"]):
+        code, err = run_in_process(module, [*TINY_CLS, "--data_path", root, "--nb_classes", "4", "--epochs", "1",
+                                            "--output_dir", "", *extra])
+        assert code == 2
+        assert f"train/ and val/ hold different class folders ({', '.join(odd)})" in one_error_line(err)
+
+
+def test_unknown_randaugment_section_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=2)
+    code, err = run_in_process(main_finetune, [*TINY_CLS, "--data_path", root, "--nb_classes", "2", "--aa",
+                                               "rand-bogus", "--output_dir", ""])
+    assert code == 2 and "--aa rand-bogus: section 'bogus' is not a setting timm reads" in one_error_line(err)
 
 
 # ----------------------------------------------------------------------------
@@ -202,8 +235,10 @@ def test_nonfinite_loss_exits_1_and_keeps_checkpoints(image_folder, tmp_path):
     common = [*TINY_PRETRAIN, "--data_path", image_folder, "--output_dir", out, "--log_dir", "", "--amp", "none"]
     run_entry(main_pretrain, *common, "--epochs", "1")
     before = (out / "checkpoint-last.pth").read_bytes()
-    proc = run_entry(main_pretrain, *common, "--epochs", "3", "--lr", "1e30", check=False)
-    assert proc.returncode == 1
+    # another --lr is another run: continued on purpose with --resume (auto-resume refuses it)
+    proc = run_entry(main_pretrain, *common, "--epochs", "3", "--lr", "1e30", "--resume", out / "checkpoint-last.pth",
+                     check=False)
+    assert proc.returncode == 1 and "--lr 1.5625e-05 there, 1e+30 here" in proc.stderr
     line = one_error_line(proc.stderr)
     assert "loss is nan at epoch 1, step" in line and "lr" in line
     assert (out / "checkpoint-last.pth").read_bytes() == before

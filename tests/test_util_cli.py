@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 import main_finetune
+import main_knn
 import main_linprobe
 import main_pretrain
 import submitit_pretrain
@@ -37,6 +38,14 @@ def test_help_exits_0_and_every_flag_is_documented(module, capsys):
     assert groups[-3:] == ["data parameters", "distributed parameters", "ours"]
     # defaults shown: a value flag, an empty-string flag
     assert "epochs of the schedule (default: " in out and "(default: '')" in out
+
+
+@pytest.mark.parametrize("module", [*ENTRY_POINTS, main_knn, submitit_pretrain], ids=lambda m: m.__name__)
+def test_local_rank_as_torch_distributed_launch_passes_it(module):
+    parse = module.parse_args if module is submitit_pretrain else \
+        cli.command_line_parser(module.get_args_parser()).parse_args
+    assert parse(["--local-rank=1"]).local_rank == 1  # python -m torch.distributed.launch
+    assert parse(["--local_rank", "2"]).local_rank == 2  # the reference's spelling
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS, ids=lambda m: m.__name__)

@@ -1,74 +1,14 @@
-"""Tests for util.misc: meters, the loss scaler, RNG state, single-process distributed helpers."""
+"""Tests for util.misc: the loss scaler, RNG state, single-process distributed helpers (meters are in
+test_util_metrics.py)."""
 import argparse
 import math
 import random
-import statistics
 
 import numpy as np
 import pytest
 import torch
 
 from util import misc
-
-# ----------------------------------------------------------------------------
-# SmoothedValue / MetricLogger
-
-
-@pytest.mark.parametrize("as_tensor", [False, True])
-def test_smoothed_value_statistics(as_tensor):
-    values = [5.0, 1.0, 4.0, 2.0, 9.0, 3.0, 7.0]
-    sv = misc.SmoothedValue(window_size=5)
-    for v in values:
-        sv.update(torch.tensor(v) if as_tensor else v)
-    window = values[-5:]  # [4, 2, 9, 3, 7]
-    assert sv.median == pytest.approx(statistics.median(window))  # 4
-    assert sv.avg == pytest.approx(sum(window) / 5)
-    assert sv.max == 9.0
-    assert sv.value == 7.0
-    assert sv.global_avg == pytest.approx(sum(values) / len(values))
-    assert sv.count == 7
-    for stat in (sv.median, sv.avg, sv.global_avg, sv.max, sv.value):
-        assert isinstance(stat, float)
-    assert str(sv) == f"{4.0:.4f} ({sum(values) / 7:.4f})"
-
-
-def test_smoothed_value_weighted_update_and_empty():
-    sv = misc.SmoothedValue(window_size=3, fmt="{avg:.2f}|{global_avg:.2f}|{max:.1f}")
-    assert sv.global_avg == 0.0 and sv.median == 0.0
-    sv.update(2.0, n=3)
-    sv.update(torch.tensor(6.0), n=1)
-    assert sv.global_avg == pytest.approx((2 * 3 + 6) / 4)
-    assert sv.avg == pytest.approx(4.0)
-    assert str(sv) == "4.00|3.00|6.0"
-
-
-def test_metric_logger_log_every_yields_everything(capsys):
-    logger = misc.MetricLogger(delimiter="  ")
-    items = list(range(7))
-    seen = []
-    for x in logger.log_every(items, print_freq=3, header="Epoch: [1]"):
-        seen.append(x)
-        logger.update(loss=float(x), lr=0.5)
-    assert seen == items
-    assert logger.loss.global_avg == pytest.approx(3.0)
-    assert logger.meters["lr"].value == 0.5
-    out = capsys.readouterr().out
-    for idx in ("[0/7]", "[3/7]", "[6/7]"):
-        assert f"Epoch: [1]  {idx}" in out
-    assert "[1/7]" not in out and "[5/7]" not in out
-    assert "eta: " in out and "loss: " in out and "Total time" in out
-    with pytest.raises(AttributeError):
-        logger.does_not_exist
-
-
-def test_metric_logger_skips_none_and_accepts_tensors():
-    logger = misc.MetricLogger()
-    logger.update(a=torch.tensor(2.0), b=None)
-    logger.update(a=4)
-    assert "b" not in logger.meters
-    assert logger.a.global_avg == pytest.approx(3.0)
-    assert str(logger).startswith("a: ")
-
 
 # ----------------------------------------------------------------------------
 # NativeScalerWithGradNormCount
@@ -210,3 +150,17 @@ def test_save_on_master_writes_atomically(tmp_path):
     misc.save_on_master({"a": torch.ones(2)}, path)
     assert list(tmp_path.iterdir()) == [path]
     torch.testing.assert_close(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+def test_setup_for_distributed_silences_print_on_other_ranks(capsys, monkeypatch):
+    import builtins
+
+    monkeypatch.setattr(builtins, "print", builtins.print)  # put the builtin back afterwards
+    misc.setup_for_distributed(False)
+    print("hidden")
+    print("shown", force=True)
+    misc.setup_for_distributed(True)
+    print("master")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("] shown") and lines[1].endswith("] master")
+    assert lines[0].startswith("[")  # the reference's time stamp

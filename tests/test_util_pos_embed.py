@@ -108,3 +108,23 @@ def test_interpolate_resizes_and_keeps_cls_and_orientation():
     assert g[1, 1, 0].item() == pytest.approx(2.5, abs=1e-5)
     torch.testing.assert_close(g[..., 2], torch.full((3, 3), 3.5))
     model.load_state_dict({**model.state_dict(), "pos_embed": new})
+
+
+def _reference_table(embed_dim, grid):
+    """The reference's table entry by entry in float64 (python math), then float32 as the models store it."""
+    table = np.zeros((1 + grid * grid, embed_dim))  # the cls row stays zero
+    for row in range(grid):
+        for col in range(grid):
+            table[1 + row * grid + col] = [_hand_entry(embed_dim, row, col, ch) for ch in range(embed_dim)]
+    return torch.from_numpy(table).float()
+
+
+def test_tables_are_bitwise_the_references_float64_ones():
+    import models_mae
+
+    expected = _reference_table(768, 14)  # MAE-B: computed in float32 it was up to 1.8e-6 off
+    got = torch.from_numpy(get_2d_sincos_pos_embed(768, 14, cls_token=True)).float()
+    assert torch.equal(got, expected)
+    model = models_mae.mae_vit_tiny_patch16(img_size=224, depth=1, decoder_depth=1)
+    assert torch.equal(model.pos_embed[0], _reference_table(192, 14))
+    assert torch.equal(model.decoder_pos_embed[0], _reference_table(128, 14))

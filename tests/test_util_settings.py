@@ -21,7 +21,7 @@ def test_lr_from_blr_and_the_effective_batch():
 def test_defaults_resolved_for_this_machine(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     args = _args(main_pretrain, "--device", "cpu", "--batch_size", "8", "--accum_iter", "4", "--blr", "1e-3")
-    assert resolve_settings(args) == torch.device("cpu")
+    assert resolve_settings(args, "main_pretrain") == torch.device("cpu")
     assert (args.amp, args.compile, args.attn, args.patch_embed) == ("none", False, "sdpa", "linear")
     assert args.lr == pytest.approx(1e-3 * 32 / 256)
     assert (args.distributed, args.world_size, args.resume, args.start_epoch) == (False, 1, "", 0)
@@ -31,10 +31,10 @@ def test_given_values_are_kept(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     args = _args(main_finetune, "--device", "cpu", "--amp", "none", "--compile", "--attn", "math",
                  "--patch_embed", "conv", "--lr", "0.5")
-    resolve_settings(args)
+    resolve_settings(args, "main_pretrain")
     assert (args.amp, args.compile, args.attn, args.patch_embed, args.lr) == ("none", True, "math", "conv", 0.5)
     args = _args(main_finetune, "--device", "cpu")
-    resolve_settings(args)
+    resolve_settings(args, "main_pretrain")
     assert (args.amp, args.attn) == ("bf16", "math")  # native bf16: bf16 and the explicit attention
 
 
@@ -47,6 +47,6 @@ def test_given_values_are_kept(monkeypatch):
 ])
 def test_bad_values_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
-        resolve_settings(_args(main_pretrain, *argv))
+        resolve_settings(_args(main_pretrain, *argv), "main_pretrain")
     with pytest.raises(UserError, match="--data_path is required"):
-        resolve_settings(main_pretrain.get_args_parser().parse_args([]))
+        resolve_settings(main_pretrain.get_args_parser().parse_args([]), "main_pretrain")

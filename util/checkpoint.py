@@ -7,7 +7,7 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,14 +26,16 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 def atomic_save(obj: Any, path: os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A failed write (full disk, file-size limit, permissions) leaves `path` as it was and raises a
-    CheckpointWriteError naming it.
+    The file gets the permissions of a plain torch.save (0666 less the umask: readable by colleagues where
+    the umask allows), not a temporary file's 0600. A failed write (full disk, file-size limit,
+    permissions) leaves `path` as it was and raises a CheckpointWriteError naming it.
     """
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -178,7 +180,7 @@ def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
     return best[1] if best else None
 
 
-def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> None:
+def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool, with_head: bool = False) -> None:
     """Load an encoder from a pre-training (or fine-tuning) checkpoint for --finetune.
 
     `path` is ours or the reference's .pth, or timm / Hugging Face weights (util/formats.py), told apart
@@ -186,6 +188,7 @@ def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> Non
     Drops a head of another shape, resizes the position table to the model's grid, loads
     non-strictly and checks that only the head (and fc_norm with global_pool) may be absent;
     any other missing key or a shape mismatch raises a CheckpointError naming them.
+    with_head=True (--eval --finetune): the whole classifier, its trained head included, must be there.
     """
     fmt = detect_format(path)
     if fmt == "torch":
@@ -202,6 +205,18 @@ def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> Non
         raise CheckpointError(f"{path} holds no model weights (no 'model' state dict)")
     checkpoint_model = dict(checkpoint_model)
     state_dict = model.state_dict()
+    head = [k for k in state_dict if k.startswith("head.")]
+    if with_head:
+        absent = [k for k in head if k not in checkpoint_model]
+        if absent:
+            raise CheckpointError(f"--finetune {path} has no trained classifier head ({', '.join(absent)} missing; a "
+                                  f"pre-training checkpoint has none): --eval evaluates a fine-tuned or linear-probe "
+                                  f"classifier; fine-tune or probe it first")
+        wrong = [f"{k}: {tuple(checkpoint_model[k].shape)} vs {tuple(state_dict[k].shape)}" for k in head
+                 if hasattr(checkpoint_model[k], "shape") and checkpoint_model[k].shape != state_dict[k].shape]
+        if wrong:
+            raise CheckpointError(f"the head of --finetune {path} does not fit this model (checkpoint vs model: "
+                                  f"{', '.join(wrong)}); check --nb_classes and --model")
     for k in ["head.weight", "head.bias"]:
         if k in checkpoint_model and k in state_dict and checkpoint_model[k].shape != state_dict[k].shape:
             log(f"Removing key {k} from pretrained checkpoint")
@@ -212,13 +227,15 @@ def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool) -> Non
         interpolate_pos_embed(model, checkpoint_model)
 
     missing, unexpected, shapes = state_dict_mismatch(model, checkpoint_model)
-    allowed_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool else set())
+    allowed_missing = set() if with_head else \
+        {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool else set())
     bad_missing = [k for k in missing if k not in allowed_missing]
     bad_unexpected = [k for k in unexpected if k.startswith(("blocks.", "patch_embed."))]
     if bad_missing or bad_unexpected or shapes:
         raise CheckpointError(
             f"--finetune checkpoint {path} does not fit the model "
-            f"({describe_mismatch(bad_missing, bad_unexpected, shapes)}); is it an MAE checkpoint of the same "
-            f"architecture as --model?")
+            f"({describe_mismatch(bad_missing, bad_unexpected, shapes)}); " + (
+                "is it a classifier of --model, with the same --global_pool / --cls_token?" if with_head else
+                "is it an MAE checkpoint of the same architecture as --model?"))
     msg = model.load_state_dict(checkpoint_model, strict=False)
     log(msg)

@@ -5,18 +5,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from engine_finetune import evaluate, train_one_epoch
-from util.dali import DaliAug, make_eval_loader, make_train_loader
+from util.dali import DaliAug, make_eval_loader
 from util.datasets import ImageFolder, build_dataset
 from util.errors import UserError
+from util.knn import check_same_classes
 from util.logger import log
 from util.resume import restore
-from util.runner import position_in_epoch, tensorboard_writer, train_loop
+from util.runner import position_in_epoch, start_run, tensorboard_writer, train_loader, train_loop
 
 
 def classification_data(args: Any, train_transform: Callable, val_transform: Callable, device: torch.device,
                         dali_augs: Optional[Tuple[DaliAug, DaliAug]] = None
                         ) -> Tuple[ImageFolder, ImageFolder, Optional[DataLoader], DataLoader]:
-    """Train/val ImageFolders and their loaders (no training loader with --eval); checks --nb_classes.
+    """Train/val ImageFolders and their loaders (no training loader with --eval); checks that both splits hold
+    the same class folders (or every label after a difference would shift) and --nb_classes.
 
     The torch loaders apply the transforms; with --data_loader dali, `dali_augs` (training, validation)
     say what the DALI pipelines do instead.
@@ -25,14 +27,14 @@ def classification_data(args: Any, train_transform: Callable, val_transform: Cal
     dataset_val = build_dataset(False, args, transform=val_transform)
     log(dataset_train)
     log(dataset_val)
+    check_same_classes(dataset_train, dataset_val)
     n_found = len(dataset_train.classes)
     if args.nb_classes < n_found:
         raise UserError(f"--nb_classes {args.nb_classes} is smaller than the {n_found} class folders in "
                         f"{dataset_train.root}; use --nb_classes {n_found}")
     kind = getattr(args, "data_loader", "torch")
     train_aug, val_aug = dali_augs or (None, None)
-    loader_train = None if args.eval else make_train_loader(kind, dataset_train, train_aug, args.batch_size,
-                                                            args.num_workers, args.pin_mem, args.seed, device)
+    loader_train = None if args.eval else train_loader(args, dataset_train, train_aug, device)
     loader_val = make_eval_loader(kind, dataset_val, val_aug, args.batch_size, args.num_workers, args.pin_mem,
                                   args.dist_eval, device)
     return dataset_train, dataset_val, loader_train, loader_val
@@ -59,6 +61,7 @@ def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: 
     if args.eval:
         return eval_epoch()
 
+    start_run(args)
     log_writer = tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
     state = {"max_accuracy": 0.0, "last": {}}
 

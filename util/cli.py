@@ -55,11 +55,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, model: 
 
     g["training" if training else "data"].add_argument(
         "--batch_size", default=batch_size, type=int,
-        help="batch size per process (effective batch size is batch_size * accum_iter * number of processes)")
-    if not training:
+        help="batch size per process (effective batch size is batch_size * accum_iter * number of processes)"
+        if training else "images per forward pass, per process")
+    if not training:  # evaluation only (eval=True): it resumes nothing and writes no run files
         parser.set_defaults(epochs=1, accum_iter=1, weight_decay=0.0, lr=None, blr=0.0, min_lr=0.0, warmup_epochs=0,
                             log_dir="", resume="", start_epoch=0, compile=False, print_freq=20, auto_resume=False,
-                            stop_epoch=None, save_every_minutes=None)
+                            overwrite=False, eval=True, stop_epoch=None, save_every_minutes=None)
     if training:
         _add_training_args(g["training"], epochs)
     g["model"].add_argument("--model", default=model, type=str, metavar="MODEL", help=model_help)
@@ -96,7 +97,9 @@ def _add_data_args(parser: argparse.ArgumentParser, group: Any, training: bool) 
                        help="dataset path (required): a folder with train/ (and val/) ImageFolder "
                                 "sub-folders")
     group.add_argument("--output_dir", default="./output_dir",
-                       help="where to save checkpoints, log.txt and args.json; empty for no saving")
+                       help="where to save checkpoints, log.txt and args.json; empty for no saving" if training else
+                       "where to append the results to knn_log.txt (a training run's folder is fine: nothing else "
+                       "is written); empty for none")
     if training:
         group.add_argument("--log_dir", default="./output_dir", help="where to write TensorBoard events; empty for none")
     group.add_argument("--device", default=None,
@@ -117,8 +120,9 @@ def _add_data_args(parser: argparse.ArgumentParser, group: Any, training: bool) 
 def _add_distributed_args(group: Any) -> None:
     group.add_argument("--world_size", default=1, type=int,
                        help="number of distributed processes (torchrun / SLURM set it)")
-    group.add_argument("--local_rank", default=-1, type=int,
-                       help="local rank (ignored: read from the LOCAL_RANK variable)")
+    group.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                       help="local rank, as python -m torch.distributed.launch passes it (ignored: read from the "
+                            "LOCAL_RANK variable)")
     group.add_argument("--dist_on_itp", action="store_true",
                        help="take ranks from OpenMPI variables (OMPI_COMM_WORLD_*)")
     group.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
@@ -155,8 +159,13 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
     ours.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")
     ours.add_argument("--print_freq", default=20, type=int, help="console line every N iterations")
     ours.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
-                      help="do not resume from the newest checkpoint in --output_dir when --resume is empty")
+                      help="do not resume the run in --output_dir when --resume is empty (an error if the folder "
+                           "holds a run, unless --overwrite)")
     parser.set_defaults(auto_resume=True)
+    ours.add_argument("--overwrite", action="store_true",
+                      help="delete the run in --output_dir (its checkpoints, log.txt, args.json, and the TensorBoard "
+                           "events in --log_dir) when training starts, and start afresh; without it a folder holding "
+                           "another run is an error")
     ours.add_argument("--stop_epoch", default=None, type=int, metavar="N",
                       help="end this run before epoch N while keeping the --epochs schedule; the same command "
                            "without it resumes (for time-limited jobs)")
@@ -189,7 +198,8 @@ def add_classification_args(g: Groups, *, global_pool: bool) -> None:
                        help="classify the class token instead of the global pool")
     group.set_defaults(global_pool=global_pool)
     group.add_argument("--nb_classes", default=1000, type=int, help="number of classes")
-    group.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
+    group.add_argument("--eval", action="store_true",
+                       help="evaluate the --resume checkpoint (or the classifier in --finetune) and exit; writes nothing")
     group.add_argument("--dist_eval", action="store_true", default=False,
                        help="shard evaluation over the processes (every image counted exactly once)")
 

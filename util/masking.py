@@ -26,7 +26,8 @@ def check_mask_type(mask_type: str, mask_ratio: float, grid: Tuple[int, int]) ->
         if mask_ratio != 0.75:
             raise ValueError(f"grid masking keeps one patch of every 2x2 cell: its mask ratio is 0.75, got {mask_ratio}")
         if grid[0] % 2 or grid[1] % 2:
-            raise ValueError(f"grid masking needs an even patch grid, got {grid[0]}x{grid[1]}")
+            raise ValueError(f"grid masking needs an even patch grid, got {grid[0]}x{grid[1]}: use an image size that "
+                             f"is an even multiple of the patch size, or another mask type")
 
 
 def grid_noise(n: int, grid: Tuple[int, int], device: torch.device) -> torch.Tensor:

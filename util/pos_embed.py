@@ -15,7 +15,8 @@ from util.logger import log
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, int]],
                             cls_token: bool = False) -> np.ndarray:
-    """Return the [H*W (+1), embed_dim] 2-D sin-cos table (zero row first with cls_token).
+    """Return the [H*W (+1), embed_dim] 2-D sin-cos table (zero row first with cls_token), float64 as the
+    reference computes it (the models cast it to float32 once).
 
     `grid_size` is an int for a square grid or (H, W).
     """
@@ -26,24 +27,24 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, int
     grid = np.stack(grid, axis=0).reshape([2, 1, size_h, size_w])
     pos_embed = get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
     if cls_token:
-        pos_embed = np.concatenate([np.zeros([1, embed_dim], dtype=np.float32), pos_embed], axis=0)
+        pos_embed = np.concatenate([np.zeros([1, embed_dim]), pos_embed], axis=0)
     return pos_embed
 
 
 def get_2d_sincos_pos_embed_from_grid(embed_dim: int, grid: np.ndarray) -> np.ndarray:
     """Encode a [2, 1, H, W] grid: first half of the channels from grid[0], second half from grid[1]."""
-    if embed_dim % 2 != 0:
-        raise ValueError(f"embed_dim must be even for a 2-D sin-cos table, got {embed_dim}")
+    if embed_dim % 4 != 0:  # two halves, each of sines and cosines
+        raise ValueError(f"a 2-D sin-cos position table needs a width divisible by 4, got {embed_dim}")
     emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # [H*W, D/2]
     emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # [H*W, D/2]
     return np.concatenate([emb_h, emb_w], axis=1)  # [H*W, D]
 
 
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    """Encode positions `pos` (any shape, M values) as [M, embed_dim] = [sin(pos*w), cos(pos*w)]."""
+    """Encode positions `pos` (any shape, M values) as [M, embed_dim] = [sin(pos*w), cos(pos*w)], in float64."""
     if embed_dim % 2 != 0:
         raise ValueError(f"embed_dim must be even for a 1-D sin-cos table, got {embed_dim}")
-    omega = np.arange(embed_dim // 2, dtype=np.float32)
+    omega = np.arange(embed_dim // 2, dtype=np.float64)  # float64, as the reference: the same table bit for bit
     omega /= embed_dim / 2.0
     omega = 1.0 / 10000 ** omega  # [D/2]
     pos = pos.reshape(-1)  # [M]

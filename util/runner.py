@@ -16,7 +16,8 @@ import torch
 import torch.backends.cudnn as cudnn
 from torch.utils.data import DataLoader
 
-from util.checkpoint import to_plain
+from util.checkpoint import load_pretrained, to_plain
+from util.dali import make_train_loader
 from util.distributed import get_rank, get_world_size, is_main_process
 from util.engine_loop import AfterStep
 from util.errors import UserError
@@ -25,17 +26,18 @@ from util.metrics import MetricLogger
 from util.preemption import StopGuard
 from util.resume import (EpochPosition, data_fingerprint, epoch_position, remove_stale_temp_files, save_epoch,
                          save_position, truncate_log)
+from util.runs import remove_run
 from util.settings import resolve_settings
 from util.sharding import shard_model
 
 
-def setup(args: Any) -> torch.device:
-    """Resolve the run settings (util/settings.py), seed, and write args.json; return the device.
+def setup(args: Any, entry: str) -> torch.device:
+    """Resolve the run settings of entry point `entry` (util/settings.py) and seed; return the device.
 
-    args.json is written after every setting is resolved, so it records what runs; nothing later
-    changes args, and every checkpoint's `args` equal it.
+    Nothing is written here: a training run writes its files in `start_run`, once everything it needs has
+    been checked and built.
     """
-    device = resolve_settings(args)
+    device = resolve_settings(args, entry)
     log(f"job dir: {os.path.dirname(os.path.dirname(os.path.realpath(__file__)))}")
     log("{}".format(args).replace(", ", ",\n"))
 
@@ -45,12 +47,49 @@ def setup(args: Any) -> torch.device:
     np.random.seed(seed)
     random.seed(seed)
     cudnn.benchmark = True
-
-    if args.output_dir and is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(to_plain(args), f, indent=2)
     return device
+
+
+def start_run(args: Any) -> None:
+    """The first write of a training run, on rank 0, after the data, model and resume state are ready.
+
+    With --overwrite the run files of --output_dir (and the TensorBoard events of --log_dir) are deleted
+    first; then log lines of the epochs about to be trained again are dropped, temporary files of a killed
+    run removed, and args.json written: every setting resolved, the `args` of each checkpoint this run writes.
+    """
+    if not args.output_dir or not is_main_process():
+        return
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if getattr(args, "overwrite", False):
+        removed = remove_run(args.output_dir, args.log_dir)
+        if removed:
+            log(f"--overwrite: deleted {len(removed)} file(s) of the earlier run in {args.output_dir}")
+    truncate_log(os.path.join(args.output_dir, "log.txt"), args.start_epoch)
+    remove_stale_temp_files(args.output_dir)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(to_plain(args), f, indent=2)
+
+
+def eval_weights(args: Any, model: torch.nn.Module) -> None:
+    """--eval: the weights to evaluate. --resume is loaded strictly later (util.resume.restore); otherwise
+    --finetune's classifier is loaded by the fine-tuning rules (any format, position table resized) and must
+    bring its trained head: a pre-training checkpoint has none."""
+    if args.resume:
+        if args.finetune:
+            warn(f"--eval evaluates --resume {args.resume}; --finetune {args.finetune} is not used")
+        return
+    load_pretrained(model, args.finetune, args.global_pool, with_head=True)
+
+
+def build_model(create: Callable[..., torch.nn.Module], name: str, **kwargs: Any) -> torch.nn.Module:
+    """create(name, **kwargs), with a one-line error for settings the model cannot be built with (a ValueError
+    or timm's AssertionError, e.g. grid masking on an odd patch grid, heads that do not divide the width)."""
+    try:
+        return create(name, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"cannot build --model {name} with these flags: {e or type(e).__name__}") from None
 
 
 def check_input_size(input_size: int, model: torch.nn.Module) -> None:
@@ -94,6 +133,18 @@ def wrap_model(model: torch.nn.Module, device: torch.device, distributed: bool, 
         log("Compiling the model with torch.compile (the first steps are slower)")
         model = torch.compile(model)
     return model
+
+
+def train_loader(args: Any, dataset: Any, dali_aug: Any, device: torch.device) -> Any:
+    """The training loader of --data_loader (util/dali.py make_train_loader); refuses an --accum_iter that no
+    epoch reaches, which would train nothing."""
+    loader = make_train_loader(args.data_loader, dataset, dali_aug, args.batch_size, args.num_workers, args.pin_mem,
+                               args.seed, device)
+    if len(loader) < args.accum_iter:
+        raise UserError(f"--accum_iter {args.accum_iter} is more than the {len(loader)} batch(es) of an epoch "
+                        f"({len(dataset)} images, --batch_size {args.batch_size} x {get_world_size()} process(es)): "
+                        f"no optimizer step would run; lower --accum_iter to at most {len(loader)} (or --batch_size)")
+    return loader
 
 
 def position_in_epoch(resumed: Optional[Dict[str, Any]], dataset: Any, args: Any) -> Optional[EpochPosition]:
@@ -141,9 +192,6 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
         monitor: epoch -> numbers logged as they are named (e.g. knn_acc1), or None.
     """
     log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
-    if log_path and is_main_process():
-        truncate_log(log_path, args.start_epoch)
-        remove_stale_temp_files(args.output_dir)
     if args.start_epoch >= args.epochs:
         log(f"Nothing to train: the run is already at epoch {args.start_epoch} of {args.epochs}.")
         return

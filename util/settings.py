@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import util.perf as perf
+from util.checkpoint import to_plain
 from util.dali import require_dali
 from util.distributed import get_world_size, init_distributed_mode, init_single_process_group
 from util.errors import UserError
@@ -22,6 +23,10 @@ def check_common_args(args: Any) -> None:
     for flag in ("batch_size", "accum_iter", "epochs", "print_freq"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if getattr(args, "input_size", 1) < 1:
+        raise UserError(f"--input_size must be at least 1 pixel, got {args.input_size}")
+    if not 0 <= getattr(args, "drop_path", 0.0) < 1:
+        raise UserError(f"--drop_path is a probability, from 0 to less than 1, got {args.drop_path}")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.save_every_minutes is not None and args.save_every_minutes <= 0:
@@ -33,6 +38,9 @@ def check_common_args(args: Any) -> None:
         raise UserError(f"--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1, got {scale[0]} {scale[1]}")
     if not args.data_path:
         raise UserError("--data_path is required: a folder with train/ (and val/) sub-folders of class folders")
+    if getattr(args, "eval", False) and not args.resume and not getattr(args, "finetune", ""):
+        raise UserError("--eval needs the weights to evaluate: --resume CKPT (a checkpoint of this script) or "
+                        "--finetune CKPT (a fine-tuned classifier: ours, the reference's, timm's or Hugging Face's)")
     if getattr(args, "data_loader", "torch") == "dali":
         require_dali()
 
@@ -72,13 +80,15 @@ def resolve_lr(lr: Any, blr: float, eff_batch_size: int) -> float:
     return lr if lr is not None else blr * eff_batch_size / 256
 
 
-def resolve_settings(args: Any) -> torch.device:
+def resolve_settings(args: Any, entry: str) -> torch.device:
     """Validate the flags, join the process group, and set every setting left to a default in args.
 
-    Returns the device. Sets args.device, amp, compile, attn, patch_embed, lr,
-    resume and start_epoch (plus rank, world_size, gpu, distributed from the process group).
-    With --fsdp and no launcher, a process group of this process alone is created (FSDP needs one).
+    Returns the device. Sets args.entry (the entry point, e.g. 'main_pretrain': part of the run identity,
+    util/runs.py), device, amp, compile, attn, patch_embed, lr, resume and start_epoch (plus rank,
+    world_size, gpu, distributed from the process group). With --fsdp and no launcher, a process group of
+    this process alone is created (FSDP needs one).
     """
+    args.entry = entry
     check_common_args(args)
     check_fsdp_args(args)
     fsdp = getattr(args, "fsdp", False)
@@ -112,5 +122,5 @@ def resolve_settings(args: Any) -> torch.device:
 
     args.resume, args.start_epoch = resolve_resume(
         args.resume, args.output_dir, getattr(args, "auto_resume", True), getattr(args, "eval", False),
-        args.start_epoch)
+        args.start_epoch, entry=entry, settings=to_plain(args), overwrite=getattr(args, "overwrite", False))
     return device

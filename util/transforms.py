@@ -8,6 +8,7 @@
 Transforms built with normalize=False end in a uint8 tensor; `normalize_images` turns a batch of
 those into the same floats as ToTensor + Normalize, on the device.
 """
+import re
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
@@ -40,10 +41,25 @@ def _flip(p: float) -> list:
     return [transforms.RandomHorizontalFlip(p)] if p > 0 else []
 
 
+def check_auto_augment(policy: str) -> None:
+    """Refuse the --aa sections timm would skip in silence: timm parses each '-'-separated section after the
+    policy name as a key followed by a number (m9, n2, mstd0.5, inc1; RandAugment also t<set>) and ignores a
+    section without a number, so 'rand-bogus' would run as plain RandAugment."""
+    if not policy:
+        return
+    name, *sections = policy.split("-")
+    for section in sections:
+        if (name == "rand" and section.startswith("t") and len(section) > 1) or re.fullmatch(r"[a-z]+\d\S*", section):
+            continue
+        raise UserError(f"--aa {policy}: section '{section}' is not a setting timm reads (a key followed by a number, "
+                        f"e.g. m9, n2, mstd0.5, inc1); use e.g. rand-m9-mstd0.5-inc1 (the default) or '' for none")
+
+
 def build_transform(is_train: bool, args: Any) -> Callable:
     """Fine-tuning transforms: timm RandAugment/erasing pipeline, or resize + center crop."""
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if is_train:
+        check_auto_augment(args.aa)
         try:
             return create_transform(
                 input_size=args.input_size,

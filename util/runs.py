@@ -1,0 +1,200 @@
+"""Which run an output folder holds, and whether this run may continue it (the run identity).
+
+A run is its entry point (`entry`: main_pretrain, main_finetune, main_linprobe, recorded in args.json and in
+the `args` of every checkpoint it writes) and its run-defining settings: every resolved setting except those
+in MAY_CHANGE, which say where and how the same maths is computed, for how long, and how often it prints or
+saves. The effective batch size (batch_size x accum_iter x processes) is run-defining as a whole: the
+number of processes and the per-process batch may change as long as their product does not.
+
+- `read_folder`: what --output_dir holds (the newest checkpoint's run, else args.json's, else unknown files);
+- `settings_of`, `differences`: the run-defining settings of a run and how two runs differ;
+- `entry_of`: the entry point of a checkpoint, also of older ones and the reference's (from its weights);
+- `remove_run`: --overwrite's deletion of a folder's run files.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from util.checkpoint import CHECKPOINT_RE, find_latest_checkpoint, load_checkpoint
+from util.errors import CheckpointError
+
+ENTRIES = {
+    "main_pretrain": "an MAE pre-training run of main_pretrain.py",
+    "main_finetune": "a fine-tuning run of main_finetune.py",
+    "main_linprobe": "a linear-probing run of main_linprobe.py",
+}
+
+# settings that may differ between a run and its continuation: how long (epochs), where and how the same maths is
+# computed, how the processes split the effective batch, what is printed, logged and saved, and bookkeeping
+MAY_CHANGE = frozenset({
+    "epochs", "stop_epoch",
+    "device", "amp", "compile", "attn", "patch_embed", "fsdp", "grad_checkpointing", "data_loader", "num_workers",
+    "pin_mem", "strict_data", "dist_eval",
+    "batch_size", "accum_iter", "world_size", "rank", "gpu", "local_rank", "distributed", "dist_backend", "dist_url",
+    "dist_on_itp", "dist_timeout",
+    "output_dir", "log_dir", "print_freq", "save_freq", "save_every_minutes", "vis_freq", "knn_freq",
+    "knn_data_path", "knn_max_train",
+    "resume", "start_epoch", "auto_resume", "overwrite", "eval", "entry",
+    # the submitit launchers' own flags
+    "ngpus", "nodes", "timeout", "job_dir", "partition", "use_volta32", "comment", "cluster",
+})
+PATHS = ("data_path", "finetune")  # compared as normalised paths
+EFF_BATCH = "eff_batch_size"
+RUN_FILES = ("args.json", "log.txt")
+
+
+def settings_of(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The run-defining settings of a run's args (a plain dict): all but MAY_CHANGE, plus the effective batch."""
+    out = {k: v for k, v in args.items() if k not in MAY_CHANGE}
+    for k in PATHS:
+        if isinstance(out.get(k), str) and out[k] and "://" not in out[k]:
+            out[k] = os.path.normpath(out[k])
+    if all(isinstance(args.get(k), int) for k in ("batch_size", "accum_iter", "world_size")):
+        out[EFF_BATCH] = args["batch_size"] * args["accum_iter"] * args["world_size"]
+    return out
+
+
+def _batch(args: Dict[str, Any]) -> str:
+    return (f"{settings_of(args)[EFF_BATCH]} (--batch_size {args['batch_size']} x --accum_iter {args['accum_iter']} "
+            f"x {args['world_size']} process(es))")
+
+
+def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """'--blr 0.001 there, 0.002 here' for each run-defining setting both runs record with different values.
+
+    Settings only one of them records (a flag added since, or the reference's checkpoints) are not compared;
+    the lr is left out when --blr differs (it follows from it).
+    """
+    a, b = settings_of(saved), settings_of(current)
+    keys = [k for k in sorted(a.keys() & b.keys()) if _normal(a[k]) != _normal(b[k])]
+    if "blr" in keys and "lr" in keys:
+        keys.remove("lr")
+    return [f"the effective batch size {_batch(saved)} there, {_batch(current)} here" if k == EFF_BATCH else
+            f"--{k} {a[k]!r} there, {b[k]!r} here" for k in keys]
+
+
+def changed(saved: Dict[str, Any], current: Dict[str, Any], keys=("epochs", "batch_size", "accum_iter",
+                                                                  "world_size", "amp", "device", "data_loader")
+            ) -> List[str]:
+    """The settings that may change on resume and did, as '--epochs 10 -> 20' (for the log)."""
+    return [f"--{k} {saved[k]!r} -> {current[k]!r}" for k in keys
+            if k in saved and k in current and _normal(saved[k]) != _normal(current[k])]
+
+
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def entry_of(checkpoint: Dict[str, Any]) -> str:
+    """The entry point that wrote a checkpoint: recorded in its args, or (older files, the reference's) told from
+    its weights: a decoder is pre-training, a BatchNorm head linear probing, any other head fine-tuning."""
+    args = checkpoint.get("args") or {}
+    if args.get("entry"):
+        return str(args["entry"])
+    model = checkpoint.get("model")
+    if not isinstance(model, dict):
+        return entry_of_args(args)
+    if any(k.startswith("decoder_") for k in model):
+        return "main_pretrain"
+    if "head.0.running_mean" in model or "head.1.weight" in model:
+        return "main_linprobe"
+    if "head.weight" in model:
+        return "main_finetune"
+    return entry_of_args(args)
+
+
+def entry_of_args(args: Dict[str, Any]) -> str:
+    """The entry point of a run's args (recorded, or told from flags only it has; '' when unknown)."""
+    if args.get("entry"):
+        return str(args["entry"])
+    for flag, entry in (("mask_ratio", "main_pretrain"), ("smoothing", "main_finetune"), ("nb_knn", "main_knn"),
+                        ("nb_classes", "main_linprobe")):
+        if flag in args:
+            return entry
+    return ""
+
+
+def describe(entry: str) -> str:
+    """'an MAE pre-training run of main_pretrain.py', ..., for messages."""
+    return ENTRIES.get(entry, f"a run of {entry}.py" if entry else "a run of unknown kind")
+
+
+@dataclass
+class FolderRun:
+    """What an output folder holds: the run's files, and its entry point and args where they can be read."""
+
+    files: List[str]  # names of the run files present (checkpoints, log.txt, args.json)
+    entry: str = ""
+    args: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None  # the newest loadable checkpoint
+    epoch: Optional[int] = None  # its epoch
+
+    def summary(self) -> str:
+        """'checkpoint-last.pth at epoch 4 and 3 more files' (or the files' names) for messages."""
+        if self.checkpoint is None:
+            return ", ".join(self.files)
+        more = len(self.files) - 1
+        return f"{Path(self.checkpoint).name} at epoch {self.epoch}" + (f" and {more} more file(s)" if more else "")
+
+
+def run_files(output_dir: str) -> List[str]:
+    """The names of the files a training run writes (checkpoints, log.txt, args.json) present in output_dir."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_file() and (CHECKPOINT_RE.match(p.name) or p.name in RUN_FILES))
+
+
+def read_folder(output_dir: str) -> Optional[FolderRun]:
+    """The run in output_dir (None when it holds none of a run's files).
+
+    Its entry point and args come from the newest loadable checkpoint, else from args.json; an unreadable
+    args.json or a log.txt alone is a run of unknown kind.
+    """
+    files = run_files(output_dir)
+    if not files:
+        return None
+    run = FolderRun(files)
+    latest = find_latest_checkpoint(output_dir)
+    if latest is not None:
+        checkpoint = load_checkpoint(str(latest), mmap=True)
+        run.checkpoint, run.epoch = str(latest), int(checkpoint.get("epoch", -1))
+        run.args, run.entry = dict(checkpoint.get("args") or {}), entry_of(checkpoint)
+        return run
+    try:
+        with open(os.path.join(output_dir, "args.json")) as f:
+            run.args = json.load(f)
+        run.entry = entry_of_args(run.args)
+    except (OSError, ValueError):
+        pass
+    return run
+
+
+def check_resumable(checkpoint: Dict[str, Any], path: str, entry: str) -> None:
+    """A CheckpointError when `checkpoint` was written by another entry point than `entry`, naming the right flag."""
+    other = entry_of(checkpoint)
+    if not other or other == entry:
+        return
+    if other == "main_pretrain":
+        hint = f"to start from its encoder, use --finetune {path}"
+    elif entry == "main_pretrain":
+        hint = "main_pretrain.py resumes only its own checkpoints"
+    else:
+        hint = f"to start from its encoder, use --finetune {path}"
+    raise CheckpointError(f"--resume {path} is a checkpoint of {describe(other)}, not of {entry}.py: {hint}")
+
+
+def remove_run(output_dir: str, log_dir: str) -> List[str]:
+    """--overwrite: delete the run files of output_dir and the TensorBoard event files of log_dir; their names."""
+    removed = []
+    for name in run_files(output_dir):
+        os.remove(os.path.join(output_dir, name))
+        removed.append(name)
+    if log_dir and os.path.isdir(log_dir):
+        for p in Path(log_dir).iterdir():
+            if p.is_file() and p.name.startswith("events.out.tfevents."):
+                p.unlink()
+                removed.append(p.name)
+    return removed
