@@ -74,6 +74,7 @@ def test_signal_requeues_the_job_and_it_resumes_mid_epoch(tmp_path, monkeypatch)
     assert f"Epoch: [1]  [{step:2d}/24]" in stdout.split("Continuing epoch 1")[1]  # not from its beginning
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "jobs" / "%j").exists()  # no empty folder named after the pattern itself
 
 
 def test_requeue_resumes_from_the_newest_checkpoint(tmp_path):

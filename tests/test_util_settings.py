@@ -50,3 +50,21 @@ def test_bad_values_are_user_errors(argv, message):
         resolve_settings(_args(main_pretrain, *argv), "main_pretrain")
     with pytest.raises(UserError, match="--data_path is required"):
         resolve_settings(main_pretrain.get_args_parser().parse_args([]), "main_pretrain")
+
+
+def test_num_workers_beyond_the_cpus_is_said_once(monkeypatch, capsys):
+    import warnings
+
+    import util.settings as settings
+
+    monkeypatch.setattr(settings, "available_cpus", lambda: 2)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        settings.note_num_workers(10)
+        warnings.warn("This DataLoader will create 10 worker processes in total.", UserWarning)  # ours said it
+        warnings.warn("another warning", UserWarning)
+    assert [str(w.message) for w in shown] == ["another warning"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--num_workers 10 is more than the 2 CPUs this process can use" in err
+    settings.note_num_workers(2)
+    assert capsys.readouterr().err == ""

@@ -4,6 +4,8 @@ Device, precision, torch.compile, the lr from --blr and the effective batch, the
 patch-embedding paths, and where the run resumes. Nothing after `resolve_settings` changes args:
 helpers further up take these values explicitly.
 """
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from util.checkpoint import to_plain
 from util.dali import require_dali
 from util.distributed import get_world_size, init_distributed_mode, init_single_process_group
 from util.errors import UserError
-from util.logger import log
+from util.logger import log, warn
 from util.precision import resolve_amp
 from util.resume import resolve_resume
 
@@ -59,6 +61,24 @@ def check_fsdp_args(args: Any) -> None:
                         "waiting for each other's parameters; drop --dist_eval (each process evaluates the whole set)")
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def note_num_workers(num_workers: int) -> None:
+    """One line when --num_workers exceeds the CPUs (the reference's default of 10 on a small machine), in place
+    of the DataLoader's own warning, which it repeats for every loader it builds."""
+    cpus = available_cpus()
+    if num_workers > cpus:
+        warn(f"--num_workers {num_workers} is more than the {cpus} CPUs this process can use: loading works, "
+             f"but --num_workers {cpus} or fewer avoids oversubscribing them")
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+
+
 def default_device() -> str:
     """cuda when available, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,6 +110,7 @@ def resolve_settings(args: Any, entry: str) -> torch.device:
     """
     args.entry = entry
     check_common_args(args)
+    note_num_workers(args.num_workers)
     check_fsdp_args(args)
     fsdp = getattr(args, "fsdp", False)
     if args.device is None:

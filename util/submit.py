@@ -161,5 +161,8 @@ def submit(args: argparse.Namespace, trainer_cls: type, name: str = "mae"):
     args.output_dir = args.job_dir
     trainer = trainer_cls(args)
     job = executor.submit(trainer)
+    literal = Path(args.job_dir)  # submitit leaves an empty folder named '%j' itself behind
+    if "%j" in literal.name and literal.is_dir() and not any(literal.iterdir()):
+        literal.rmdir()
     print("Submitted job_id:", job.job_id)
     return job
