@@ -223,7 +223,10 @@ class MaskedAutoencoderViT(nn.Module):
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)  # [N, 1+L, p*p*C]
-        return x[:, 1:, :]
+        # without the cls token, as a tensor of its own: the slice is a view (and so can be nn.Linear's output on a
+        # 3-D input, depending on the kernel), and an FSDP2 root returning a view warns (an in-place op on it
+        # would skip FSDP's backward hook)
+        return x[:, 1:, :].clone(memory_format=torch.contiguous_format)  # [N, L, p*p*C]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch, averaged over the removed patches only.

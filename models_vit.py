@@ -45,6 +45,15 @@ class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
         self.blocks = Blocks(*self.blocks)  # same children, same state-dict keys
         use_attention(self.blocks, attn)
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's pooling, fc_norm and head; [N, 1+L, D] -> [N, num_classes] (features [N, D] with pre_logits or
+        num_classes=0), always a tensor of its own: the cls token (global_pool=False) is `x[:, 0]`, a view,
+        and without a head to compute from it an FSDP2 root would return that view and warn."""
+        features = super().forward_head(x, pre_logits=True)  # [N, D]
+        if pre_logits or isinstance(self.head, nn.Identity):
+            return features.clone()
+        return self.head(features)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per block, non-reentrant whatever timm's version and its
         TIMM_REENTRANT_CKPT (timm's own checkpoint_seq path stays off)."""

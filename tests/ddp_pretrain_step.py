@@ -1,6 +1,7 @@
 """One pre-training step, in one process (batch 2b) or under torchrun (batch b per process).
 
-Run by tests/test_main_pretrain.py; writes the resulting state dict to argv[1] (rank 0).
+Run by tests/test_main_pretrain.py; rank 0 writes to argv[1] {"weights": the state dict after the step,
+"grads": the gradient of every trainable parameter that the AdamW step applied (reduced over processes)}.
 Masks come from a fixed function of each image, so both layouts mask the same patches.
 """
 import argparse
@@ -27,6 +28,13 @@ class ContentMaskedMAE(models_mae.MaskedAutoencoderViT):
         return super().forward(imgs, mask_ratio, noise=noise)
 
 
+def init_model() -> ContentMaskedMAE:
+    """The model both layouts start from (seeded)."""
+    torch.manual_seed(0)
+    return ContentMaskedMAE(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
 def main(out_path: str) -> None:
     args = argparse.Namespace(device="cpu", dist_url="env://", dist_on_itp=False, dist_timeout=5)
     misc.init_distributed_mode(args)
@@ -37,19 +45,24 @@ def main(out_path: str) -> None:
     n = images.shape[0] // world
     local = images[rank * n:(rank + 1) * n]
 
-    torch.manual_seed(0)
-    model = ContentMaskedMAE(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2,
-                             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    model = init_model()
     model_without_ddp = model
     model = wrap_model(model, torch.device("cpu"), args.distributed, compile=False)
     optimizer = torch.optim.AdamW(model_without_ddp.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    grads = {}
+
+    def keep_gradients(_optimizer, _args, _kwargs):  # at the step, before the update
+        grads.update({name: p.grad.detach().clone() for name, p in model_without_ddp.named_parameters()
+                      if p.grad is not None})
+
+    optimizer.register_step_pre_hook(keep_gradients)
     targs = argparse.Namespace(accum_iter=1, mask_ratio=0.75, lr=1e-3, min_lr=0.0, warmup_epochs=0,
                                epochs=1, amp="none", print_freq=1)
     loader = [(local, torch.zeros(n, dtype=torch.long))]
     train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0,
                     misc.NativeScalerWithGradNormCount("cpu", enabled=False), args=targs)
     if rank == 0:
-        torch.save(model_without_ddp.state_dict(), out_path)
+        torch.save({"weights": model_without_ddp.state_dict(), "grads": grads}, out_path)
     if args.distributed:
         torch.distributed.destroy_process_group()
 

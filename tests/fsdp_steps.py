@@ -4,6 +4,11 @@ Every configuration starts from the same weights and sees the same global batche
 processes; masks come from each image's content (tests/ddp_pretrain_step.ContentMaskedMAE), so they do not
 depend on how the batch is split. Rank 0 writes what it saw to argv[1]:
 
+- initial_mae / initial_vit: the full state dicts right after sharding (before any step) of an MAE and of a
+  fine-tuning ViT (encoder loaded from a checkpoint, head initialised afterwards), each built after seeding
+  with SEED + rank as util/runner.py does, so that every rank first builds different weights;
+- step_grads_*: for every configuration, the full gradients that each optimizer step of epoch 0 (both
+  epochs for *_odd) applied, after clipping, before the update;
 - ddp / fsdp / fsdp_accum / fsdp_ckpt: per-step losses (averaged over ranks) and the final full weights of
   three steps with gradient clipping; fsdp_accum takes twice as many half batches with --accum_iter 2,
   fsdp_ckpt adds activation checkpointing;
@@ -16,37 +21,70 @@ depend on how the batch is split. Rank 0 writes what it saw to argv[1]:
 - bf16_loss: the first loss with FSDP's bf16 policy; bf16_block_inputs_fsdp / _plain: the dtypes every
   block received in that forward and in the same forward under plain autocast; local_bytes: every rank's
   shard sizes.
-The checkpoint goes to the folder argv[2].
+The checkpoints (the pre-trained one the ViT loads, and the saved FSDP run) go to the folder argv[2].
 """
 import argparse
 import copy
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
+from timm.layers import trunc_normal_
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import models_vit  # noqa: E402
 import util.misc as misc  # noqa: E402
 from ddp_pretrain_step import ContentMaskedMAE  # noqa: E402
+from util.checkpoint import load_pretrained  # noqa: E402
 from util.distributed import all_gather_objects, all_reduce_mean  # noqa: E402
 from util.engine_loop import train_epoch  # noqa: E402
 from util.precision import NativeScalerWithGradNormCount, autocast, get_grad_norm_  # noqa: E402
 from util.resume import load_model, save_model  # noqa: E402
 from util.runner import wrap_model  # noqa: E402
-from util.sharding import full_state_dicts, local_state_bytes  # noqa: E402
+from util.sharding import full_state_dicts, local_state_bytes, shard_model  # noqa: E402
 
 GLOBAL_BATCH, STEPS, CLIP = 8, 3, 0.5
+SEED = 3  # --seed of the initial-weights check
 DEVICE = torch.device("cpu")
+PRETRAINED = "pretrained.pth"  # in argv[2]: tiny_mae()'s weights, the encoder finetune_vit loads
 
 
-def tiny_mae() -> ContentMaskedMAE:
+def tiny_mae(seed: int = 0) -> ContentMaskedMAE:
     """A two-block MAE (one decoder block) at 32 px with 8 px patches, seeded."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return ContentMaskedMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
                             decoder_depth=1, decoder_num_heads=2)
+
+
+def pretrain_mae(seed: int) -> ContentMaskedMAE:
+    """What main_pretrain.py builds after util/runner.py seeded with `seed`, plus a random buffer (the models
+    have none, and a buffer must start from rank 0's too)."""
+    torch.manual_seed(seed)
+    model = ContentMaskedMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
+                             decoder_depth=1, decoder_num_heads=2)
+    model.register_buffer("drawn", torch.randn(5))
+    return model
+
+
+def finetune_vit(seed: int, pretrained: str) -> models_vit.VisionTransformer:
+    """What main_finetune.py builds after util/runner.py seeded with `seed`: a ViT with the encoder of
+    `pretrained` loaded (--finetune), then its head initialised, as main_finetune does."""
+    torch.manual_seed(seed)
+    model = models_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                         num_classes=3, global_pool=True, qkv_bias=True)
+    load_pretrained(model, pretrained, global_pool=True)
+    trunc_normal_(model.head.weight, std=2e-5)
+    return model
+
+
+def full_state(model: torch.nn.Module) -> dict:
+    """A sharded model's full state dict (parameters and buffers), on rank 0's CPU (a collective)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def batches(epoch: int, split: int = 1):
@@ -98,6 +136,20 @@ def first_grad_norm(model) -> float:
     return norm
 
 
+def record_step_gradients(plain, optimizer) -> List[Dict[str, torch.Tensor]]:
+    """A list that gets, at every optimizer step (after clipping, before the update), the full gradient of every
+    parameter (gathered from the shards under FSDP: a collective that every rank runs in the same step)."""
+    steps: List[Dict[str, torch.Tensor]] = []
+    named = [(n, p) for n, p in plain.named_parameters() if p.requires_grad]
+
+    def keep(_optimizer, _args, _kwargs):
+        steps.append({n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+                      for n, p in named})
+
+    optimizer.register_step_pre_hook(keep)
+    return steps
+
+
 def block_input_dtypes(model, images: torch.Tensor) -> List[str]:
     """The dtype of every block's input in one bf16 autocast forward (after FSDP's own pre-forward hooks)."""
     seen: List[str] = []
@@ -114,12 +166,22 @@ def main(out_path: str, checkpoint_dir: str) -> None:
     run_args = argparse.Namespace(device="cpu", dist_url="env://", dist_on_itp=False, dist_timeout=5)
     misc.init_distributed_mode(run_args)
     results = {}
+    # every rank builds its own random weights (seed + rank, as util/runner.py), then shards them
+    pretrained = os.path.join(checkpoint_dir, PRETRAINED)
+    if misc.get_rank() == 0:
+        torch.save({"model": tiny_mae().state_dict()}, pretrained)
+    torch.distributed.barrier()
+    seed = SEED + misc.get_rank()
+    results["initial_mae"] = full_state(shard_model(pretrain_mae(seed), DEVICE, "none"))
+    results["initial_vit"] = full_state(shard_model(finetune_vit(seed, pretrained), DEVICE, "none"))
     for name, fsdp, accum, ckpt in [("ddp", False, 1, False), ("fsdp", True, 1, False),
                                     ("fsdp_accum", True, 2, False), ("fsdp_ckpt", True, 1, True)]:
         model, plain, optimizer = build(fsdp, ckpt)
         if name in ("ddp", "fsdp"):
             results[f"grad_norm_{name}"] = first_grad_norm(model)
+        step_grads = record_step_gradients(plain, optimizer)
         results[f"losses_{name}"] = train(model, optimizer, 0, accum)
+        results[f"step_grads_{name}"] = list(step_grads)  # epoch 0 only (fsdp trains on below)
         weights, optim_state = copy.deepcopy(full_state_dicts(plain, optimizer))  # not views of live tensors
         results[f"weights_{name}"] = weights
         if name in ("ddp", "fsdp"):
@@ -143,6 +205,7 @@ def main(out_path: str, checkpoint_dir: str) -> None:
             results["continued"] = full_state_dicts(plain, optimizer)[0]
     for name, fsdp in [("ddp_odd", False), ("fsdp_odd", True)]:
         model, plain, optimizer = build(fsdp)
+        results[f"step_grads_{name}"] = record_step_gradients(plain, optimizer)
         results[f"losses_{name}"] = [x for epoch in range(2) for x in train(model, optimizer, epoch, 2, split=1)]
         results[f"weights_{name}"] = copy.deepcopy(full_state_dicts(plain, optimizer)[0])
     model, plain, optimizer = build(True, amp="bf16")

@@ -348,6 +348,20 @@ def test_forward_matches_step_by_step_reference():
     assert m.forward_decoder(latent, ids_restore).shape == (2, 16, 48)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"encoder_mask_token": True}, {"loss_on_visible": True}],
+                         ids=["reference", "encoder_mask_token", "loss_on_visible"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
+def test_forward_outputs_are_tensors_of_their_own_not_views(kwargs, batch, dtype):
+    # FSDP2 warns when a sharded model returns a view (an in-place op on it would skip its backward hook). The
+    # prediction used to be decoder_pred(...)[:, 1:], a slice; and nn.Linear on a 3-D input may itself return a
+    # view of a 2-D product (here: one image in fp32, any batch under CPU bf16 autocast)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss, pred, mask = _tiny(**kwargs)(torch.randn(batch, 3, 8, 8), mask_ratio=0.5)
+    assert pred.shape == (batch, 4, 48) and pred.is_contiguous() and pred.dtype == (dtype or torch.float32)
+    assert loss._base is None and pred._base is None and mask._base is None
+
+
 # ----------------------------------------------------------------------------
 # loss
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -29,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from util.distributed import get_world_size
+from util.distributed import dist_device, get_world_size
 from util.errors import CheckpointError
 from util.precision import AMP_DTYPES
 
@@ -49,8 +50,32 @@ def layer_norms(block: torch.nn.Module) -> List[torch.nn.Module]:
     return [m for m in block.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
 
 
+def broadcast_module_state(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, in place, one tensor at a time (a collective).
+
+    What DDP does when it wraps a model. Every rank seeds with `seed + rank` (util/runner.py, as the reference),
+    so each builds its own random initialisation, and fully_shard keeps each rank's own slice of it: without
+    this, a sharded model would start from a patchwork of every rank's weights. Each tensor goes through the
+    process group's device (dist_device: nccl takes no CPU tensor), so device memory grows by one tensor.
+    """
+    if get_world_size() == 1:
+        return
+    device = dist_device()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device == device and tensor.is_contiguous():
+                dist.broadcast(tensor, src=0)
+            else:
+                staged = tensor.to(device, memory_format=torch.contiguous_format)
+                dist.broadcast(staged, src=0)
+                tensor.copy_(staged)
+
+
 def shard_model(model: torch.nn.Module, device: torch.device, amp: str) -> torch.nn.Module:
     """fully_shard every transformer block, then the root, on a 1-D mesh over all processes; returns `model`.
+
+    First every rank takes rank 0's weights and buffers (broadcast_module_state), so a sharded run starts from
+    the model that one process or DDP would build with the same --seed.
 
     Blocks gather their parameters in the --amp dtype, except their LayerNorms, which are fp32 units of
     their own (a LayerNorm takes the fp32 residual stream: CPU autocast does not cast its weights, and
@@ -60,6 +85,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, amp: str) -> torch
     (cast_forward_inputs=False): autocast does the casting, as without --fsdp, so the residual stream,
     the loss and its pixel targets stay fp32, and the matmuls run in the --amp dtype either way.
     """
+    broadcast_module_state(model)
     mesh = init_device_mesh(device.type, (get_world_size(),))
     block_policy = MixedPrecisionPolicy(param_dtype=AMP_DTYPES[amp], reduce_dtype=torch.float32,
                                         cast_forward_inputs=False)
