@@ -43,6 +43,7 @@ from PIL import Image
 
 import models_mae
 import models_vit
+import util.cli as cli
 import util.perf as perf
 import util.dali as dali
 from util.datasets import ImageFolder, train_loader
@@ -382,45 +383,75 @@ def main(argv=None) -> int:
         destroy_process_group()  # the one --fsdp or torchrun made, if any
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags (a parent parser, as the entry points': command_line_parser adds -h/--help)."""
+    parser = argparse.ArgumentParser("MAE / ViT training-step benchmark", add_help=False,
+                                     description="Throughput of the training step (synthetic data), of the input "
+                                                 "pipeline, or of both together; see the top of benchmark.py.")
+    bench = parser.add_argument_group("benchmark parameters", "what is measured and how long")
+    bench.add_argument("--mode", choices=["pretrain", "finetune", "data", "e2e"], default="pretrain",
+                       help="time a training step on synthetic data, (data) the input pipeline, or (e2e) the "
+                            "training step fed by the input pipeline next to its synthetic-data rate")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (training steps; data mode: batches)")
+    bench.add_argument("--warmup", type=int, default=3,
+                       help="untimed steps before them (compilation, autotuning, loader workers starting)")
+    bench.add_argument("--baseline", action="store_true",
+                       help="only the reference configuration: fp32 on CPU / fp16 + grad scaler on CUDA, torch's "
+                            "plain AdamW, a host sync every step, convolutional patch embedding, explicit attention")
+    bench.add_argument("--compare", action="store_true",
+                       help="the reference configuration, then the one the step flags choose (as the training "
+                            "scripts by default), and their ratio")
+    bench.add_argument("--no_peak", action="store_true",
+                       help="skip the matmul peak measurement (fp32 and bf16), and with it the utilisation")
+    bench.add_argument("--json", default=None, help="also write the flags and results to this file (default: none)")
+    model = parser.add_argument_group("model parameters")
+    model.add_argument("--model", default=None,
+                       help="model name (default: mae_vit_base_patch16 for pretrain, vit_base_patch16 for finetune; "
+                            "e2e mode: the one that --transform trains)")
+    model.add_argument("--batch_size", type=int, default=8, help="images per step (and per loader batch), per process")
+    model.add_argument("--input_size", type=int, default=224, help="image size in pixels (square)")
+    model.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of the patches removed (MAE steps)")
+    step = parser.add_argument_group("step parameters", "the configuration measured (auto: as the training scripts "
+                                                        "choose); --baseline fixes its own")
+    step.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    step.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "none"],
+                      help="mixed precision (auto: as the training scripts choose for the device; bf16 on CUDA "
+                           "with --fsdp)")
+    step.add_argument("--attn", default="auto", choices=["auto", *ATTN_IMPLS],
+                      help="attention kernel (auto: the faster one measured for the device and precision)")
+    step.add_argument("--patch_embed", default="auto", choices=["auto", *PATCH_EMBED_IMPLS],
+                      help="patch embedding as a convolution or as patchify + one matmul (auto: linear)")
+    step.add_argument("--optimizer", default="auto", choices=["auto", *perf.ADAMW_IMPLS],
+                      help="AdamW implementation (auto: fused where torch has it for the device)")
+    step.add_argument("--compile", action="store_true", default=None,
+                      help="torch.compile the model (default: as the training scripts, on for CUDA; never with "
+                           "--fsdp)")
+    step.add_argument("--no_compile", action="store_false", dest="compile", help="do not torch.compile the model")
+    step.add_argument("--compile_mode", default=None,
+                      help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
+    scaling = parser.add_argument_group("scaling parameters")
+    scaling.add_argument("--fsdp", action="store_true",
+                         help="shard with FSDP2 as main_pretrain.py --fsdp (torchrun for several processes); "
+                              "--amp auto is bf16 on CUDA then")
+    scaling.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing per block")
+    data = parser.add_argument_group("data parameters", "data and e2e modes")
+    data.add_argument("--data_path", default=None, help="ImageFolder root with train/ "
+                      "(default: generate --data_images JPEGs in a temporary folder)")
+    data.add_argument("--data_images", type=int, default=1024,
+                      help="how many 500x375 JPEGs to generate when --data_path is not given")
+    data.add_argument("--num_workers", type=int, default=10, help="DataLoader worker processes (dali: threads)")
+    data.add_argument("--transform", choices=["pretrain", "pretrain-float", "finetune"], default="pretrain",
+                      help="the augmentation to time (pretrain-float: the reference's float output); e2e times MAE "
+                           "pre-training for pretrain, ViT fine-tuning for finetune")
+    data.add_argument("--data_loader", nargs="+", choices=dali.LOADERS, default=["torch"],
+                      help="the loader(s) to time, one after the other in this process (dali: NVIDIA DALI with "
+                           "--num_workers threads)")
+    return parser
+
+
 def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser("MAE / ViT training-step benchmark")
-    parser.add_argument("--mode", choices=["pretrain", "finetune", "data", "e2e"], default="pretrain",
-                        help="time a training step on synthetic data, (data) the input pipeline, or (e2e) the "
-                             "training step fed by the input pipeline next to its synthetic-data rate")
-    parser.add_argument("--model", default=None, help="default: mae_vit_base_patch16 / vit_base_patch16")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--input_size", type=int, default=224)
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "none"])
-    parser.add_argument("--attn", default="auto", choices=["auto", *ATTN_IMPLS])
-    parser.add_argument("--patch_embed", default="auto", choices=["auto", *PATCH_EMBED_IMPLS])
-    parser.add_argument("--optimizer", default="auto", choices=["auto", *perf.ADAMW_IMPLS])
-    parser.add_argument("--compile", action="store_true", default=None,
-                        help="torch.compile the model (default: as the training scripts, on for CUDA)")
-    parser.add_argument("--no_compile", action="store_false", dest="compile")
-    parser.add_argument("--compile_mode", default=None,
-                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="shard with FSDP2 as main_pretrain.py --fsdp (torchrun for several processes); "
-                             "--amp auto is bf16 on CUDA then")
-    parser.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing per block")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--baseline", action="store_true", help="only the reference configuration")
-    parser.add_argument("--compare", action="store_true", help="baseline, then defaults, and their ratio")
-    parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--data_path", default=None, help="data mode: ImageFolder root with train/ "
-                        "(default: generate --data_images JPEGs in a temporary folder)")
-    parser.add_argument("--data_images", type=int, default=1024)
-    parser.add_argument("--num_workers", type=int, default=10, help="data mode: DataLoader workers")
-    parser.add_argument("--transform", choices=["pretrain", "pretrain-float", "finetune"], default="pretrain",
-                        help="data / e2e mode: the augmentation to time (pretrain-float: the reference's float "
-                             "output); e2e times MAE pre-training for pretrain, ViT fine-tuning for finetune")
-    parser.add_argument("--data_loader", nargs="+", choices=dali.LOADERS, default=["torch"],
-                        help="data / e2e mode: the loader(s) to time, one after the other in this process "
-                             "(dali: NVIDIA DALI with --num_workers threads)")
+    parser = cli.command_line_parser(get_args_parser())
     args = parser.parse_args(argv)
     if args.mode in ("data", "e2e"):
         if args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:

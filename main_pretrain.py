@@ -24,7 +24,7 @@ from util.precision import make_loss_scaler
 from util.resume import restore
 from util.masking import MASK_TYPES, check_mask_type
 from util.transforms import PRETRAIN_AUGS, PRETRAIN_SCALE, crop_scale, eval_transform, pretrain_transform
-from util.visualize import reconstruct, to_uint8
+from util.visualize import draw_reconstructions, reconstruct
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,9 +109,9 @@ def fixed_images(dataset, input_size: int, n: int = 8) -> torch.Tensor:
 
 def log_reconstructions(log_writer, model: torch.nn.Module, images: torch.Tensor, epoch: int,
                         mask_ratio: float, device: torch.device) -> None:
-    """Write the original | masked | reconstruction | pasted grid to TensorBoard as 'reconstruction'."""
-    grid = to_uint8(reconstruct(model, images.to(device), mask_ratio=mask_ratio, seed=0))
-    log_writer.add_image("reconstruction", grid, epoch, dataformats="HWC")
+    """Write the original | masked | reconstruction | pasted figure to TensorBoard as 'reconstruction'."""
+    figure = draw_reconstructions(reconstruct(model, images.to(device), mask_ratio=mask_ratio, seed=0), mask_ratio)
+    log_writer.add_image("reconstruction", figure.pixels, epoch, dataformats="HWC")
 
 
 def main(args: argparse.Namespace) -> None:

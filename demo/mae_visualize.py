@@ -1,10 +1,12 @@
-"""Show what an MAE reconstructs: one PNG per image with four panels side by side,
+"""Show what an MAE reconstructs: one PNG per image, a titled row of four cells,
 original | masked | reconstruction | reconstruction with the visible patches pasted back.
 
     python demo/mae_visualize.py --checkpoint output_dir/checkpoint-last.pth --output_dir vis img1.jpg img2.png
 
 Works with our checkpoints and reference ones (model, input size and norm_pix_loss are read from the
-checkpoint's args when present, else inferred from its weights or taken from the flags).
+checkpoint's args when present, else inferred from its weights or taken from the flags). Removed patches
+are magenta (another saturated colour for an image that holds colours near magenta); see
+util/visualize.py, draw_reconstructions.
 """
 import argparse
 import os
@@ -20,22 +22,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.export import load_for_export  # noqa: E402
 from util.errors import CheckpointError, DataError, UserError  # noqa: E402
-from util.cli import launch  # noqa: E402
-from util.visualize import reconstruct, to_uint8  # noqa: E402
+from util.cli import command_line_parser, launch  # noqa: E402
+from util.visualize import draw_reconstructions, reconstruct  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE reconstruction pictures", add_help=False)
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--checkpoint", required=True, help="pre-training checkpoint (ours or the reference's)")
-    parser.add_argument("--output_dir", default="mae_visualize", help="where the PNGs go")
-    parser.add_argument("--mask_ratio", default=0.75, type=float)
-    parser.add_argument("--seed", default=0, type=int, help="seed of the random masks")
-    parser.add_argument("--model", default=None, help="MAE model name (default: from the checkpoint)")
-    parser.add_argument("--input_size", default=None, type=int, help="default: from the checkpoint")
-    parser.add_argument("--norm_pix_loss", action="store_true", default=None,
-                        help="the checkpoint was trained with --norm_pix_loss (default: from its args)")
-    parser.add_argument("--scale", default=1, type=int, help="enlarge the picture by this integer factor")
+    """The visualizer's flags (a parent parser: command_line_parser adds -h/--help)."""
+    parser = argparse.ArgumentParser("MAE reconstruction pictures", add_help=False,
+                                     description="Draw an MAE's reconstructions of images: one PNG per image.")
+    inputs = parser.add_argument_group("input parameters")
+    inputs.add_argument("images", nargs="+", default=argparse.SUPPRESS, help="image files (any format PIL reads)")
+    inputs.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+                        help="pre-training checkpoint with its decoder (ours or the reference's)")
+    model = parser.add_argument_group("model parameters", "by default read from the checkpoint")
+    model.add_argument("--model", default=None,
+                       help="MAE model name (default: the checkpoint's, else inferred from its weights)")
+    model.add_argument("--input_size", default=None, type=int,
+                       help="image size in pixels; must match the checkpoint's position table (default: the "
+                            "checkpoint's)")
+    model.add_argument("--norm_pix_loss", action="store_true", default=None,
+                       help="the checkpoint was trained with --norm_pix_loss: predictions are mapped back with each "
+                            "patch's mean and variance (default: the checkpoint's args, else off)")
+    picture = parser.add_argument_group("picture parameters")
+    picture.add_argument("--output_dir", default="mae_visualize", help="where the PNGs go (<image name>_mae.png)")
+    picture.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of the patches removed")
+    picture.add_argument("--seed", default=0, type=int, help="seed of the random masks")
+    picture.add_argument("--scale", default=None, type=int,
+                         help="enlarge each panel by this integer factor, nearest-neighbour (default: the smallest "
+                              "factor that makes a panel at least 128 px)")
     return parser
 
 
@@ -58,6 +72,8 @@ def load_mae(path: str, model_name: Optional[str], input_size: Optional[int],
 def main(args: argparse.Namespace) -> None:
     if not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.scale is not None and args.scale < 1:
+        raise UserError(f"--scale must be a whole number from 1, got {args.scale}")
     model = load_mae(args.checkpoint, args.model, args.input_size, args.norm_pix_loss)
     size = model.patch_embed.img_size
     transform = transforms.Compose([
@@ -72,16 +88,13 @@ def main(args: argparse.Namespace) -> None:
             img = Image.open(path).convert("RGB")
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {path}: {e}") from None
-        grid = to_uint8(reconstruct(model, transform(img).unsqueeze(0), args.mask_ratio, args.seed))
-        picture = Image.fromarray(grid)
-        if args.scale > 1:
-            picture = picture.resize((picture.width * args.scale, picture.height * args.scale), Image.NEAREST)
+        panels = reconstruct(model, transform(img).unsqueeze(0), args.mask_ratio, args.seed)
+        figure = draw_reconstructions(panels, args.mask_ratio, scale=args.scale)
         out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + "_mae.png")
-        picture.save(out)
-        print(f"wrote {out} ({picture.width}x{picture.height}: original | masked | reconstruction | "
-              f"reconstruction + visible)")
+        figure.save(out)
+        height, width = figure.pixels.shape[:2]
+        print(f"wrote {out} ({width}x{height}: {' | '.join(figure.titles)})")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[get_args_parser()])
-    sys.exit(launch(main, parser.parse_args()))
+    sys.exit(launch(main, command_line_parser(get_args_parser()).parse_args()))

@@ -25,10 +25,19 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from mae_visualize import load_mae  # noqa: E402 (this folder)
+from util.cli import command_line_parser  # noqa: E402
+from util.transforms import eval_transform  # noqa: E402
+from util.visualize import draw_reconstructions, reconstruct  # noqa: E402
 
 # what each number of summary.json measures
 MEANING = {
@@ -116,52 +125,33 @@ def run_stage(name: str, script: str, flags: List[str], out_dir: str, epochs: Op
     return seconds
 
 
-def plot_loss(losses: List[float], path: str, size=(480, 300)) -> None:
-    """A small line plot of the loss per epoch, drawn with Pillow (axes, ticks, the curve)."""
-    w, h = size
-    left, right, top, bottom = 56, 16, 28, 40
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    lo, hi = 0.0, max(max(losses), 1e-8) * 1.05
-    n = len(losses)
-
-    def xy(i: int, v: float):
-        x = left + (w - left - right) * (i / max(n - 1, 1))
-        y = h - bottom - (h - top - bottom) * ((v - lo) / (hi - lo))
-        return x, y
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for k in range(5):  # y ticks
-        v = lo + (hi - lo) * k / 4
-        _, y = xy(0, v)
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((6, y - 6), f"{v:.2f}", fill="black")
-    for k in range(5):  # x ticks, epochs counted from 1
-        i = round((n - 1) * k / 4)
-        x, _ = xy(i, lo)
-        draw.line([x, h - bottom, x, h - bottom + 4], fill="black")
-        draw.text((x - 6, h - bottom + 8), str(i + 1), fill="black")
-    draw.line([xy(i, v) for i, v in enumerate(losses)] if n > 1 else [xy(0, losses[0])] * 2, fill="blue", width=2)
-    draw.text((left, 8), "MAE pre-training loss per epoch", fill="black")
-    draw.text(((w - left) // 2 + left - 16, h - 16), "epoch", fill="black")
-    img.save(path)
+def plot_loss(losses: List[float], path: str, size=(480, 300), dpi: int = 100) -> None:
+    """The loss per epoch (epochs counted from 1) as a line plot, `size` pixels, drawn with matplotlib (Agg)."""
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, facecolor="white", layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    epochs = np.arange(1, len(losses) + 1)
+    ax.plot(epochs, losses, color="tab:blue", linewidth=2, marker="o" if len(losses) == 1 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("MAE pre-training loss per epoch")
+    ax.set_ylim(0, max(max(losses), 1e-8) * 1.08)  # from 0, with room above the first epoch's loss
+    ax.set_xlim(*((1, len(losses)) if len(losses) > 1 else (0.5, 1.5)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole numbers
+    ax.grid(True, color="0.9")
+    canvas.draw()
+    Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).save(path)  # RGB, as the reconstruction figure
 
 
 def save_reconstruction(checkpoint: str, data_dir: str, path: str, n: int = 10, scale: int = 4) -> None:
-    """Reconstructions of one validation digit per class (one per row), enlarged `scale` times."""
-    import torch
-    from util.transforms import eval_transform
-    from util.visualize import reconstruct, to_uint8
-    sys.path.insert(0, os.path.join(ROOT, "demo"))
-    from mae_visualize import load_mae
-
+    """Reconstructions of the first validation digit of each class (one per row, 0 to n-1), each panel
+    enlarged `scale` times, as a titled figure (util/visualize.py, draw_reconstructions)."""
     model = load_mae(checkpoint, None, None, None)
     transform = eval_transform(model.patch_embed.img_size[0])
     files = [os.path.join(data_dir, "val", str(d), sorted(os.listdir(os.path.join(data_dir, "val", str(d))))[0])
              for d in range(n)]
     imgs = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
-    grid = Image.fromarray(to_uint8(reconstruct(model, imgs, mask_ratio=0.75, seed=0)))
-    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
+    draw_reconstructions(reconstruct(model, imgs, mask_ratio=0.75, seed=0), 0.75, scale=scale).save(path)
 
 
 def build_stages(args: argparse.Namespace, data: str, out: str) -> Dict[str, tuple]:
@@ -255,21 +245,36 @@ def finish(out: str, data: str, seconds: Dict[str, float], counts: Dict[str, int
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The quickstart's flags (each stage's own flags are in build_stages)."""
-    parser = argparse.ArgumentParser("MAE quickstart on scikit-learn's digits")
-    parser.add_argument("--output_dir", default="quickstart")
-    parser.add_argument("--input_size", default=32, type=int, help="pixels the 8x8 digits are upsampled to")
-    parser.add_argument("--pretrain_epochs", default=50, type=int)
-    parser.add_argument("--linprobe_epochs", default=15, type=int)
-    parser.add_argument("--finetune_epochs", default=20, type=int)
-    parser.add_argument("--num_workers", default=1, type=int)
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--device", default="cpu")
+    """The quickstart's flags (each stage's own flags are in build_stages); a parent parser, as the entry points'."""
+    parser = argparse.ArgumentParser("MAE quickstart on scikit-learn's digits", add_help=False,
+                                     description="MAE end to end on scikit-learn's handwritten digits, on a CPU: "
+                                                 "pre-training, linear probing, k-NN and fine-tuning, each against "
+                                                 "a baseline (see demo/quickstart.py).")
+    out = parser.add_argument_group("output parameters")
+    out.add_argument("--output_dir", default="quickstart",
+                     help="folder for the digits (data/), every stage's run and log, commands.txt, summary.json, "
+                          "loss.png and reconstruction.png")
+    data = parser.add_argument_group("data parameters")
+    data.add_argument("--input_size", default=32, type=int,
+                      help="input size of every stage: the 8x8 digits are upsampled to it (bicubic) when written "
+                           "(files already in --output_dir are kept)")
+    data.add_argument("--num_workers", default=1, type=int, help="data loading worker processes of every stage")
+    schedule = parser.add_argument_group("schedule parameters", "epochs of each stage (the README's numbers use the "
+                                                               "defaults)")
+    schedule.add_argument("--pretrain_epochs", default=50, type=int, help="epochs of MAE pre-training")
+    schedule.add_argument("--linprobe_epochs", default=15, type=int,
+                          help="epochs of each linear probe (MAE encoder and random encoder)")
+    schedule.add_argument("--finetune_epochs", default=20, type=int,
+                          help="epochs of each fine-tuning run (from the MAE checkpoint and from scratch)")
+    run = parser.add_argument_group("run parameters")
+    run.add_argument("--seed", default=0, type=int,
+                     help="random seed of every stage (the train/val split of the digits is fixed)")
+    run.add_argument("--device", default="cpu", help="device of every stage: cpu, cuda or cuda:N")
     return parser
 
 
 def main() -> None:
-    args = get_args_parser().parse_args()
+    args = command_line_parser(get_args_parser()).parse_args()
 
     start = time.time()
     out = os.path.abspath(args.output_dir)

@@ -15,6 +15,7 @@ import main_linprobe
 import main_pretrain
 import models_mae
 from helpers import ROOT, run_entry, run_script
+from util.visualize import draw_reconstructions
 
 sys.path.insert(0, os.path.join(ROOT, "demo"))
 import mae_visualize  # noqa: E402
@@ -64,19 +65,23 @@ def test_mae_visualize_writes_a_four_panel_png(tmp_path):
     out = tmp_path / "vis"
     proc = run_script("demo/mae_visualize.py", "--checkpoint", ckpt, "--output_dir", out, "--scale", "2", img)
     assert "photo_mae.png" in proc.stdout
-    picture = Image.open(out / "photo_mae.png")
-    assert picture.size == (4 * 32 * 2, 32 * 2)
-    arr = np.asarray(picture).astype(int)
-    # the masked panel is grey exactly on 3 of the 4 patches (mask ratio 0.75 of a 2x2 grid)
-    masked = arr[:, 64:128]
-    grey_patches = sum(bool((masked[r:r + 32, c:c + 32] == 128).all()) for r in (0, 32) for c in (0, 32))
-    assert grey_patches == 3
-    # a reference-style checkpoint without args: the model is inferred from the weights
+    assert "original | masked 75% | reconstruction | reconstruction + visible" in proc.stdout
+    arr = np.asarray(Image.open(out / "photo_mae.png")).astype(int)
+    # one titled row of four 64-px cells: the layout draw_reconstructions gives any such panels
+    layout = draw_reconstructions(torch.zeros(1, 4, 3, 32, 32), 0.75, scale=2)
+    assert arr.shape == layout.pixels.shape and len(layout.cells) == 1
+    top, left, bottom, right = layout.cells[0][1]
+    # the masked cell is magenta exactly on 3 of the 4 patches (mask ratio 0.75 of a 2x2 grid)
+    masked = arr[top:bottom, left:right]
+    removed = [bool((masked[r:r + 32, c:c + 32] == (255, 0, 255)).all()) for r in (0, 32) for c in (0, 32)]
+    assert sum(removed) == 3 and ((masked == (255, 0, 255)).all(axis=2).sum() == 3 * 32 * 32)
+    # a reference-style checkpoint without args: the model is inferred from the weights; cells of 128 px
     bare = tmp_path / "bare.pth"
     torch.save({"model": model.state_dict()}, bare)
     args = mae_visualize.get_args_parser().parse_args(["--checkpoint", str(bare), "--output_dir", str(out), str(img)])
     mae_visualize.main(args)  # in this process: the script's path was checked above
-    assert Image.open(out / "photo_mae.png").size == (128, 32)
+    layout = draw_reconstructions(torch.zeros(1, 4, 3, 32, 32), 0.75)
+    assert layout.scale == 4 and np.asarray(Image.open(out / "photo_mae.png")).shape == layout.pixels.shape
 
 
 def _digit_like_folder(root, per_class=2):
@@ -134,12 +139,17 @@ def test_quickstart_stages_run_through_the_entry_points_and_are_summarised(tmp_p
         assert 0 <= summary[key] <= 100
     assert set(summary["meaning"]) == {"pretrain_loss", "linprobe_acc1", "knn_acc1", "finetune_acc1"}
     assert summary["seconds_total"] >= 5
-    # the picture: one grey row per digit, four panels of 32 px enlarged 4x; the loss plot
+    # the picture: one grey row per digit, four titled panels of 32 px enlarged 4x, removed patches magenta
     picture = np.asarray(Image.open(out / "reconstruction.png")).astype(int)
-    assert picture.shape == (10 * 128, 4 * 128, 3)
-    assert (picture[..., 0] == picture[..., 1]).all() and (picture[..., 1] == picture[..., 2]).all()
-    plot = np.asarray(Image.open(out / "loss.png"))
-    assert plot.shape == (300, 480, 3) and ((plot[..., 2] > 200) & (plot[..., 0] < 50)).any()  # the blue curve
+    layout = draw_reconstructions(torch.zeros(10, 4, 3, 32, 32), 0.75, scale=4)
+    assert picture.shape == layout.pixels.shape and len(layout.cells) == 10
+    magenta = (picture == (255, 0, 255)).all(axis=2)
+    assert magenta.sum() == 10 * 48 * 16 * 16  # 48 of the 64 4-px patches of every digit, enlarged 4x
+    grey = picture[~magenta]
+    assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
+    # the loss plot: 480x300 RGB, with its curve in matplotlib's first colour (tab:blue, #1f77b4)
+    plot = np.asarray(Image.open(out / "loss.png")).astype(int)
+    assert plot.shape == (300, 480, 3) and (np.abs(plot - (31, 119, 180)).max(axis=2) <= 8).sum() > 100
     table = capsys.readouterr().out
     assert "finetune_scratch" in table and "knn_random" in table
 

@@ -16,6 +16,7 @@ import util.engine_loop as engine_loop
 import util.dali as dali
 import util.misc as misc
 from helpers import TINY_PRETRAIN, load, read_log, run_entry, run_torchrun
+from util.visualize import draw_reconstructions
 
 
 def test_reference_flags_and_defaults():
@@ -46,7 +47,8 @@ def test_two_epochs_then_resume(image_folder, tmp_path):
     events.Reload()
     assert {"train_loss", "lr"} <= set(events.Tags()["scalars"])
     images = events.Images("reconstruction")  # the reconstruction grid, logged at the last epoch
-    assert [e.step for e in images] == [0, 1] and (images[0].width, images[0].height) == (4 * 32, 8 * 32)
+    layout = draw_reconstructions(torch.zeros(8, 4, 3, 32, 32), 0.75)  # the titled figure of 8 rows
+    assert [e.step for e in images] == [0, 1] and (images[0].height, images[0].width) == layout.pixels.shape[:2]
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert set(rows[0]) == {"train_loss", "train_lr", "epoch"}

@@ -99,3 +99,95 @@ def test_launch_success_leaves_the_process_group_too():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     assert cli.launch(lambda _: torch.zeros(1), None) == 0
     assert not dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------
+# --help of every script, as `python SCRIPT --help` runs it (its __main__ block, in this process)
+
+def _scripts():
+    import glob
+    import os
+
+    from helpers import ROOT
+    files = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "demo", "*.py")))
+    return [os.path.relpath(f, ROOT) for f in files if 'if __name__ == "__main__":' in open(f).read()]
+
+
+SCRIPTS = _scripts()
+
+
+def _help_sections(body):
+    """{group title: {invocation ('--flag METAVAR, --alias METAVAR'): its help}} of a --help text after the usage."""
+    sections, title, lines = {}, None, []
+    for line in [*body.splitlines(), "end:"]:
+        if line.endswith(":") and not line.startswith(" "):
+            if title is not None:
+                while lines and not lines[-1]:
+                    lines.pop()
+                if "" in lines:  # a group description, then a blank line, then the entries
+                    lines = lines[lines.index("") + 1:]
+                sections[title] = _entries(lines)
+            title, lines = line[:-1], []
+        else:
+            lines.append(line)
+    return sections
+
+
+def _entries(lines):
+    entries, current = {}, None
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        if indent == 2:
+            current = line.strip().split("  ")[0]
+            entries[current] = line.strip()[len(current):]
+        elif current is not None and indent >= 4:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def _required_flags(usage):
+    """The flags the usage line shows outside brackets (argparse's required options)."""
+    depth, required = 0, set()
+    for token in usage.replace("[", " [ ").replace("]", " ] ").split():
+        depth += token == "["
+        depth -= token == "]"
+        if depth == 0 and token.startswith("-"):
+            required.add(token)
+    return required
+
+
+def test_every_script_is_covered():
+    assert {"main_pretrain.py", "main_finetune.py", "main_linprobe.py", "main_knn.py", "export.py", "benchmark.py",
+            "submitit_pretrain.py", "submitit_finetune.py", "submitit_linprobe.py", "demo/quickstart.py",
+            "demo/mae_visualize.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_help_exits_0_with_groups_and_defaults(script, monkeypatch, capsys):
+    import os
+    import runpy
+
+    from helpers import ROOT
+    path = os.path.join(ROOT, script)
+    monkeypatch.setattr("sys.argv", [path, "--help"])
+    monkeypatch.syspath_prepend(os.path.dirname(path))  # as python puts a script's folder first
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(path, run_name="__main__")
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("usage:")
+    usage, body = out.split("\n\n", 1)
+    sections = _help_sections(body)
+    # the flags are grouped: the untitled 'options' section holds only -h / --help
+    assert list(sections)[0] == "options" and list(sections["options"]) == ["-h, --help"], list(sections)
+    entries = {flag: text for section in list(sections.values())[1:] for flag, text in section.items()}
+    assert len(entries) >= 4
+    undocumented = [flag for flag, text in entries.items() if not text.strip()]
+    assert undocumented == []
+    required = _required_flags(usage)
+    # every flag that takes a value states its default (on/off switches say what they change)
+    no_default = [flag for flag, text in entries.items()
+                  if flag.startswith("-") and any(" " in name for name in flag.split(", "))
+                  and flag.split()[0] not in required
+                  and "default:" not in " ".join(text.lower().split())]
+    assert no_default == []
