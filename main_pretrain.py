@@ -99,6 +99,20 @@ def check_args(args: argparse.Namespace) -> None:
                         f"{args.decoder_num_heads}")
 
 
+def resolve_decoder(args: argparse.Namespace) -> None:
+    """--decoder_embed_dim / --decoder_depth / --decoder_num_heads left to the model's defaults, read from the
+    model built on the meta device (no memory, no random draws): args.json records what runs."""
+    if all(getattr(args, k) is not None for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")):
+        return
+    with torch.device("meta"):
+        probe = runner.build_model(models_mae.create_model, args.model)
+    defaults = dict(decoder_embed_dim=probe.decoder_embed.out_features, decoder_depth=len(probe.decoder_blocks),
+                    decoder_num_heads=probe.decoder_blocks[0].attn.num_heads)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def fixed_images(dataset, input_size: int, n: int = 8) -> torch.Tensor:
     """n training images spread over the set, resized and center-cropped (no random augmentation)."""
     transform = eval_transform(input_size)
@@ -117,6 +131,7 @@ def log_reconstructions(log_writer, model: torch.nn.Module, images: torch.Tensor
 def main(args: argparse.Namespace) -> None:
     """Pre-train an MAE on the ImageFolder at args.data_path/train."""
     check_args(args)
+    resolve_decoder(args)
     device = runner.setup(args, "main_pretrain")
 
     # define the model first: a wrong name or size fails before any data is read
@@ -152,7 +167,8 @@ def main(args: argparse.Namespace) -> None:
 
     position = runner.position_in_epoch(restore(args, model_without_ddp, optimizer, loss_scaler), dataset_train, args)
     runner.start_run(args)
-    log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
+    log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train),
+                                           enabled=runner.epochs_left(args) > 0)
 
     if args.fsdp and args.vis_freq and log_writer is not None:
         log("Reconstructions are not drawn during --fsdp training (the model is sharded); "

@@ -157,9 +157,9 @@ def test_changed_data_or_batch_restarts_the_stopped_epoch(change, tmp_path, monk
             os.rename(tmp_path / "more" / "train" / "class0" / name,
                       tmp_path / "data" / "train" / "class0" / f"new{name}")
         expected, first_line = "the training set (images added, removed or renamed)", "Epoch: [1]  [ 0/25]"
-    else:  # another batch size: the saved step would point elsewhere in the order
-        args += ["--batch_size", "4"]
-        expected, first_line = "--batch_size (2 -> 4)", "Epoch: [1]  [ 0/12]"
+    else:  # another split of the same effective batch: the saved step would point elsewhere in the order
+        args += ["--batch_size", "1", "--accum_iter", "2"]
+        expected, first_line = "--batch_size (2 -> 1) and --accum_iter (1 -> 2)", "Epoch: [1]  [ 0/48]"
     proc = run_entry(main_pretrain, *args)
     assert f"{expected} changed since: restarting epoch 1 from its beginning" in proc.stderr
     assert first_line in proc.stdout

@@ -31,10 +31,11 @@ def run_in_process(module, argv):
     return proc.returncode, proc.stderr
 
 
-@pytest.fixture
-def bad_checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
     """A truncated checkpoint, a text file and a checkpoint of another architecture."""
     import models_mae
+    tmp_path = tmp_path_factory.mktemp("bad_checkpoints")
     good = tmp_path / "good.pth"
     torch.save({"model": models_mae.mae_vit_tiny_patch16(img_size=32).state_dict(), "epoch": 0}, good)
     truncated = tmp_path / "truncated.pth"
@@ -47,18 +48,24 @@ def bad_checkpoints(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# clear errors, through the real command line (one subprocess per script)
+# clear errors, through the real command line (one subprocess: every script's __main__ is the same
+# cli.launch line, which the in-process runs below go through too)
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("script, extra", [
-    ("main_pretrain.py", [*TINY_PRETRAIN]),
-    ("main_finetune.py", ["--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0"]),
-    ("main_linprobe.py", ["--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0"]),
-])
-def test_script_exit_code_and_one_line_error(script, extra, tmp_path):
-    proc = run_script(script, *extra, *NO_SAVE, "--data_path", tmp_path / "nope", "--epochs", "1", check=False)
+def test_script_exit_code_and_one_line_error(tmp_path):
+    proc = run_script("main_pretrain.py", *TINY_PRETRAIN, *NO_SAVE, "--data_path", tmp_path / "nope", "--epochs", "1",
+                      check=False)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
+    assert f"--data_path {tmp_path / 'nope'} does not exist" in line and "train/ and val/" in line
+
+
+@pytest.mark.parametrize("module", [main_finetune, main_linprobe])
+def test_classification_missing_data_path_is_one_line(module, tmp_path):
+    code, err = run_in_process(module, ["--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
+                                        *NO_SAVE, "--data_path", tmp_path / "nope", "--epochs", "1"])
+    assert code == 2
+    line = one_error_line(err)
     assert f"--data_path {tmp_path / 'nope'} does not exist" in line and "train/ and val/" in line
 
 

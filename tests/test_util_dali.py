@@ -488,10 +488,13 @@ def test_linprobe_and_finetune_run_with_dali(tmp_path, cls_data, pretrained):
 
 
 @pytest.mark.e2e
-def test_finetune_eval_does_not_build_the_training_augmentation(cls_data):
+def test_finetune_eval_does_not_build_the_training_augmentation(cls_data, tmp_path):
     # --aa v0 is torch-only: it matters only when training
     common = [*TINY_CLS, *DALI, "--data_path", cls_data, "--nb_classes", "3", "--output_dir", "", "--aa", "v0"]
-    proc = run_entry(main_finetune, *common, "--eval")
+    classifier = tmp_path / "classifier.pth"
+    torch.save({"model": main_finetune.models_vit.vit_tiny_patch16(img_size=32, num_classes=3, global_pool=True).state_dict()},
+               classifier)
+    proc = run_entry(main_finetune, *common, "--eval", "--resume", classifier)
     assert "Accuracy of the network on the 7 test images" in proc.stdout
     proc = run_entry(main_finetune, *common, "--epochs", "1", check=False)
     assert proc.returncode == 2 and "--aa v0" in proc.stderr

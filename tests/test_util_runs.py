@@ -65,11 +65,21 @@ def test_another_entry_point_in_a_run_folder_is_refused_before_any_file_changes(
         proc = run_entry(module, *common, *extra, check=False)
         line = one_error_line(proc.stderr)
         assert proc.returncode == 2 and "holds an MAE pre-training run of main_pretrain.py" in line
-        assert "new --output_dir" in line and "--overwrite" in line
+        # --overwrite is no way out here: it would delete the checkpoint --finetune starts from
+        assert "new --output_dir" in line and "--overwrite" not in line
         assert snapshot(pretrain_dir) == before
-    # the hint for the reference's two commands in one folder
-    assert f"pass --finetune {pretrain_dir / 'checkpoint-last.pth'} with a new --output_dir" in \
-        one_error_line(run_entry(main_finetune, *common, check=False).stderr)
+    proc = run_entry(main_finetune, *common, "--finetune", ckpt, "--overwrite", check=False)
+    assert "--overwrite would delete the run in --output_dir" in one_error_line(proc.stderr)
+    assert snapshot(pretrain_dir) == before
+    # without --finetune: the hint for the reference's two commands in one folder, and --overwrite is offered
+    line = one_error_line(run_entry(main_finetune, *common, check=False).stderr)
+    assert f"--finetune {pretrain_dir / 'checkpoint-last.pth'} from a new --output_dir starts from its encoder" in line
+    assert "--overwrite" in line
+    # the reference's default --log_dir (./output_dir) beside a new --output_dir: refused too
+    proc = run_entry(main_finetune, *common[:-4], "--finetune", ckpt, "--output_dir", pretrain_dir.parent / "ft",
+                     "--log_dir", pretrain_dir, check=False)
+    assert f"--log_dir {pretrain_dir} holds an MAE pre-training run" in one_error_line(proc.stderr)
+    assert snapshot(pretrain_dir) == before and not (pretrain_dir.parent / "ft").exists()
     # --resume of a pre-training checkpoint in fine-tuning names --finetune
     proc = run_entry(main_finetune, *TINY_CLS, "--data_path", cls_data, "--nb_classes", "3", "--epochs", "1",
                      "--resume", ckpt, "--output_dir", "", check=False)
@@ -108,10 +118,21 @@ def test_a_rerun_with_other_settings_is_refused_and_resume_continues_on_purpose(
     assert load(out / "checkpoint-last.pth")["args"]["blr"] == 2e-3 and [r["epoch"] for r in read_log(out)] == [0, 1, 2]
     # --resume from another folder would write over this one's run: refused
     other = tmp_path / "other"
-    run_entry(main_finetune, *common[:-4], "--output_dir", other, "--log_dir", "", "--epochs", "1")
+    run_entry(main_finetune, *common[:-4], "--output_dir", other, "--log_dir", "", "--epochs", "1", "--blr", "3e-3")
     before = snapshot(out)
     proc = run_entry(main_finetune, *common, "--epochs", "3", "--resume", other / "checkpoint-last.pth", check=False)
     assert "continuing --resume" in one_error_line(proc.stderr) and snapshot(out) == before
+    # ... but the same command run again continues its own progress there (a crash, a requeue)
+    branch = [*common[:-4], "--output_dir", tmp_path / "branch", "--log_dir", "", "--blr", "3e-3", "--resume",
+              other / "checkpoint-last.pth"]
+    run_entry(main_finetune, *branch, "--epochs", "2", "--stop_epoch", "2")
+    proc = run_entry(main_finetune, *branch, "--epochs", "3")
+    assert "already holds this run" in proc.stdout and "Epoch: [2]" in proc.stdout and "Epoch: [1]" not in proc.stdout
+    assert [r["epoch"] for r in read_log(tmp_path / "branch")] == [1, 2]
+    # a finished run's rerun writes nothing at all
+    before = snapshot(tmp_path / "branch")
+    proc = run_entry(main_finetune, *branch, "--epochs", "3")
+    assert "Nothing to train: 3 epoch(s) done" in proc.stdout and snapshot(tmp_path / "branch") == before
 
 
 @pytest.mark.e2e

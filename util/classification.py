@@ -11,7 +11,7 @@ from util.errors import UserError
 from util.knn import check_same_classes
 from util.logger import log
 from util.resume import restore
-from util.runner import position_in_epoch, start_run, tensorboard_writer, train_loader, train_loop
+from util.runner import epochs_left, position_in_epoch, start_run, tensorboard_writer, train_loader, train_loop
 
 
 def classification_data(args: Any, train_transform: Callable, val_transform: Callable, device: torch.device,
@@ -62,7 +62,8 @@ def run_classification(args: Any, *, model: torch.nn.Module, model_without_ddp: 
         return eval_epoch()
 
     start_run(args)
-    log_writer = tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train))
+    log_writer = tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train),
+                                    enabled=epochs_left(args) > 0)
     state = {"max_accuracy": 0.0, "last": {}}
 
     def eval_and_track(epoch: int) -> Dict[str, float]:

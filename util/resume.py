@@ -22,9 +22,10 @@ import torch
 
 from util.checkpoint import atomic_save, load_checkpoint, load_state_dict_strict, to_plain
 from util.distributed import all_gather_objects, broadcast_object, get_rank, get_world_size, is_main_process
-from util.errors import CheckpointError, UserError
+from util.errors import CheckpointError
 from util.logger import log, warn
-from util.runs import FolderRun, changed, check_resumable, describe, differences, read_folder
+from util.runs import (changed, check_explicit_resume, check_folder, check_log_dir, check_resumable,
+                       read_folder)
 from util.sharding import full_state_dicts, load_optimizer_state
 
 
@@ -115,34 +116,37 @@ def load_model(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optiona
 # where a run continues
 
 def resolve_resume(resume: str, output_dir: str, auto_resume: bool, eval_only: bool, start_epoch: int,
-                   entry: str = "", settings: Optional[Dict[str, Any]] = None, overwrite: bool = False
-                   ) -> Tuple[str, int]:
+                   entry: str = "", settings: Optional[Dict[str, Any]] = None, overwrite: bool = False,
+                   log_dir: str = "") -> Tuple[str, int]:
     """(checkpoint to resume from, epoch the run starts at), before anything is built or written.
 
     With `settings` (the run's resolved args as a plain dict) and `entry` (its entry point), the run identity
     is enforced (util/runs.py): an empty `resume` with `auto_resume` continues the run in `output_dir` only
-    when it is a run of the same entry point and run-defining settings, and any other run in the folder is
-    a one-line error naming what it holds, which flags differ and the ways out, unless `overwrite` (its files
-    are then deleted when training starts, util/runner.py). An explicit `resume` continues that checkpoint on
-    purpose: a checkpoint of another entry point is an error, differing settings a warning. The start epoch
-    is the checkpoint's epoch + 1 when it holds training state; otherwise `start_epoch` unchanged.
-    Without `settings` only the newest checkpoint is picked (library use).
+    when it is a run of the same entry point and run-defining settings, and any other run in the folder (or
+    in a separate `log_dir`) is a one-line error naming what it holds, which flags differ and the ways out,
+    unless `overwrite` (its files are then deleted when training starts, util/runner.py). An explicit
+    `resume` continues that checkpoint on purpose: a checkpoint of another entry point is an error,
+    differing settings a warning. The start epoch is the checkpoint's epoch + 1 when it holds training
+    state; otherwise `start_epoch` unchanged. Without `settings` only the newest checkpoint is picked
+    (library use).
     """
     if eval_only:  # evaluation writes nothing into output_dir and never auto-resumes
         if resume and entry:
-            check_resumable(load_checkpoint(resume, mmap=True), resume, entry)
+            check_resumable(load_checkpoint(resume, mmap=True), resume, entry, eval_only=True)
         return resume, start_epoch
     folder = None
     if output_dir:
         # rank 0 reads, so that every rank decides alike and resumes from the same file
         folder = broadcast_object(read_folder(output_dir) if is_main_process() else None)
+    if settings is not None and log_dir and os.path.abspath(log_dir) != os.path.abspath(output_dir or "."):
+        check_log_dir(broadcast_object(read_folder(log_dir) if is_main_process() else None), log_dir, output_dir)
     checkpoint = None
     if resume:
-        checkpoint = load_checkpoint(resume, mmap=True)
         if settings is not None:
-            _check_explicit_resume(checkpoint, resume, folder, output_dir, entry, settings, overwrite)
+            resume = check_explicit_resume(resume, folder, output_dir, entry, settings, overwrite)
+        checkpoint = load_checkpoint(resume, mmap=True)
     elif folder is not None and settings is not None:
-        _check_folder(folder, output_dir, auto_resume, entry, settings, overwrite)
+        check_folder(folder, output_dir, auto_resume, entry, settings, overwrite)
         if folder.checkpoint is not None and not overwrite:
             resume = folder.checkpoint
     elif folder is not None and auto_resume and folder.checkpoint is not None:
@@ -157,50 +161,6 @@ def resolve_resume(resume: str, output_dir: str, auto_resume: bool, eval_only: b
     if checkpoint is not None and "optimizer" in checkpoint and "epoch" in checkpoint:
         start_epoch = int(checkpoint["epoch"]) + 1
     return resume, start_epoch
-
-
-def _check_explicit_resume(checkpoint: Dict[str, Any], resume: str, folder: Optional[FolderRun], output_dir: str,
-                           entry: str, settings: Dict[str, Any], overwrite: bool) -> None:
-    """--resume PATH: the same entry point; differing settings warned about; no other run's folder written over."""
-    check_resumable(checkpoint, resume, entry)
-    diffs = differences(checkpoint.get("args") or {}, settings)
-    if diffs:
-        warn(f"--resume {resume} continues a run whose settings differ from this command's ({'; '.join(diffs)}): "
-             f"continuing with this command's settings")
-    if folder is None:
-        return
-    inside = os.path.dirname(os.path.abspath(resume)) == os.path.abspath(output_dir)
-    if inside and overwrite:
-        raise UserError(f"--overwrite would delete the run in --output_dir {output_dir}, whose checkpoint --resume "
-                        f"{resume} continues: drop one of the two")
-    if not inside and not overwrite:
-        raise UserError(f"--output_dir {output_dir} holds {describe(folder.entry)} ({folder.summary()}); continuing "
-                        f"--resume {resume} there would write over it: use a new --output_dir, drop --resume to "
-                        f"continue the run there, or add --overwrite to delete it")
-
-
-def _check_folder(folder: FolderRun, output_dir: str, auto_resume: bool, entry: str, settings: Dict[str, Any],
-                  overwrite: bool) -> None:
-    """No --resume: the run in output_dir must be this run (auto-resume), unless --overwrite replaces it."""
-    holds = f"--output_dir {output_dir} holds {describe(folder.entry)} ({folder.summary()})"
-    new_dir = "use a new --output_dir for this run"
-    if overwrite:
-        log(f"{holds}: --overwrite deletes its files when training starts")
-        return
-    if not auto_resume:
-        raise UserError(f"{holds}; --no_auto_resume would start afresh over it: {new_dir}, or add --overwrite to "
-                        f"delete it and start afresh")
-    if folder.entry != entry:
-        hint = (f" (to fine-tune or probe its encoder, pass --finetune {folder.checkpoint} with a new --output_dir)"
-                if folder.entry == "main_pretrain" and folder.checkpoint and entry != "main_pretrain" else "")
-        raise UserError(f"{holds}, not of {entry}.py, which would write over it: {new_dir}{hint}, or add --overwrite "
-                        f"to delete it")
-    diffs = differences(folder.args, settings)
-    if diffs:
-        cont = f", --resume {folder.checkpoint} to continue that run with this command's settings" \
-            if folder.checkpoint else ""
-        raise UserError(f"{holds} with other run-defining settings ({'; '.join(diffs)}): {new_dir}{cont}, or add "
-                        f"--overwrite to delete it and start afresh")
 
 
 def restore(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],

@@ -50,6 +50,16 @@ def setup(args: Any, entry: str) -> torch.device:
     return device
 
 
+def end_epoch(args: Any) -> int:
+    """The epoch this run stops before: --epochs, or --stop_epoch when that comes first."""
+    return args.epochs if getattr(args, "stop_epoch", None) is None else min(args.stop_epoch, args.epochs)
+
+
+def epochs_left(args: Any) -> int:
+    """Epochs this run trains (0 for the rerun of a finished run)."""
+    return max(end_epoch(args) - args.start_epoch, 0)
+
+
 def start_run(args: Any) -> None:
     """The first write of a training run, on rank 0, after the data, model and resume state are ready.
 
@@ -57,8 +67,8 @@ def start_run(args: Any) -> None:
     first; then log lines of the epochs about to be trained again are dropped, temporary files of a killed
     run removed, and args.json written: every setting resolved, the `args` of each checkpoint this run writes.
     """
-    if not args.output_dir or not is_main_process():
-        return
+    if not args.output_dir or not is_main_process() or not epochs_left(args):
+        return  # a finished run's rerun changes nothing
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if getattr(args, "overwrite", False):
         removed = remove_run(args.output_dir, args.log_dir)
@@ -192,12 +202,13 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
         monitor: epoch -> numbers logged as they are named (e.g. knn_acc1), or None.
     """
     log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
-    if args.start_epoch >= args.epochs:
-        log(f"Nothing to train: the run is already at epoch {args.start_epoch} of {args.epochs}.")
+    if not epochs_left(args):
+        until = f"--stop_epoch {args.stop_epoch}" if end_epoch(args) < args.epochs else f"{args.epochs} epochs"
+        log(f"Nothing to train: {args.start_epoch} epoch(s) done, this run stops after {until}.")
         return
     log(f"Start training for {args.epochs} epochs")
     start_time = time.time()
-    end_epoch = args.epochs if getattr(args, "stop_epoch", None) is None else min(args.stop_epoch, args.epochs)
+    last_epoch = end_epoch(args)
     sampler = data_loader_train.sampler
     fingerprint: List[str] = []  # of the training set, hashed at the first mid-epoch save only
 
@@ -218,7 +229,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
                     guard.stop(signum, epoch, step, saved=bool(args.output_dir))
             return after_step
 
-        for epoch in range(args.start_epoch, end_epoch):
+        for epoch in range(args.start_epoch, last_epoch):
             sampler.set_epoch(epoch)
             here = position if position is not None and position.epoch == epoch else None
             if here is not None:
@@ -243,7 +254,7 @@ def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn
             save_epoch(args, epoch, model, model_without_ddp, optimizer, loss_scaler, numbered)
             guard.saved()
             signum, _ = guard.poll()  # a signal during evaluation or saving: stop at this epoch boundary
-            if signum and epoch + 1 < end_epoch:
+            if signum and epoch + 1 < last_epoch:
                 guard.stop(signum, epoch + 1, 0, saved=bool(args.output_dir))
 
     total_time = time.time() - start_time

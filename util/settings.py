@@ -18,6 +18,7 @@ from util.errors import UserError
 from util.logger import log, warn
 from util.precision import resolve_amp
 from util.resume import resolve_resume
+from util.transforms import FINETUNE_SCALE, LINPROBE_SCALE, PRETRAIN_SCALE
 
 
 def check_common_args(args: Any) -> None:
@@ -79,6 +80,18 @@ def note_num_workers(num_workers: int) -> None:
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 
 
+STAGE_SCALE = {"main_pretrain": PRETRAIN_SCALE, "main_finetune": FINETUNE_SCALE, "main_linprobe": LINPROBE_SCALE}
+
+
+def resolve_paths(args: Any) -> None:
+    """--data_path, --knn_data_path and a local --finetune as absolute paths: args.json and the run identity then
+    name the same files whatever the working directory of a rerun."""
+    for flag in ("data_path", "knn_data_path", "finetune"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and value and "://" not in value:
+            setattr(args, flag, os.path.abspath(value))
+
+
 def default_device() -> str:
     """cuda when available, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,6 +124,9 @@ def resolve_settings(args: Any, entry: str) -> torch.device:
     args.entry = entry
     check_common_args(args)
     note_num_workers(args.num_workers)
+    resolve_paths(args)
+    if getattr(args, "crop_scale", None) is None and entry in STAGE_SCALE:
+        args.crop_scale = list(STAGE_SCALE[entry])  # recorded as run, not as "the default"
     check_fsdp_args(args)
     fsdp = getattr(args, "fsdp", False)
     if args.device is None:
@@ -143,5 +159,6 @@ def resolve_settings(args: Any, entry: str) -> torch.device:
 
     args.resume, args.start_epoch = resolve_resume(
         args.resume, args.output_dir, getattr(args, "auto_resume", True), getattr(args, "eval", False),
-        args.start_epoch, entry=entry, settings=to_plain(args), overwrite=getattr(args, "overwrite", False))
+        args.start_epoch, entry=entry, settings=to_plain(args), overwrite=getattr(args, "overwrite", False),
+        log_dir=getattr(args, "log_dir", ""))
     return device

@@ -57,6 +57,16 @@ def shared_folder(job_dir: str) -> Path:
     return folder
 
 
+def remove_pattern_folder(job_dir: str) -> None:
+    """submitit leaves an empty folder named after the pattern ('%j' itself) at each submission: remove it."""
+    literal = Path(job_dir)
+    if "%j" in literal.name and literal.is_dir() and not any(literal.iterdir()):
+        try:
+            literal.rmdir()
+        except OSError:  # another submission is using it right now
+            pass
+
+
 def get_init_file(job_dir: str) -> Path:
     """A fresh rendezvous file path for torch.distributed's file:// init."""
     init_file = shared_folder(job_dir) / f"{uuid.uuid4().hex}_init"
@@ -79,6 +89,7 @@ class Trainer:
 
     def __call__(self) -> Any:
         trainer = importlib.import_module(self.entry)
+        remove_pattern_folder(self.args.job_dir)  # also the one a requeue's submission left
         self._setup_gpu_args()
         try:
             return trainer.main(self.args)
@@ -96,6 +107,7 @@ class Trainer:
         latest = find_latest_checkpoint(output_dir) if output_dir else None
         if latest is not None:
             self.args.resume = str(latest)
+        self.args.overwrite = False  # --overwrite replaced what was there before the job: never its own progress
         log(f"Requeuing {self.entry}, resuming from {self.args.resume or 'scratch'}")
         empty_trainer = type(self)(self.args)
         return submitit.helpers.DelayedSubmission(empty_trainer)
@@ -161,8 +173,8 @@ def submit(args: argparse.Namespace, trainer_cls: type, name: str = "mae"):
     args.output_dir = args.job_dir
     trainer = trainer_cls(args)
     job = executor.submit(trainer)
-    literal = Path(args.job_dir)  # submitit leaves an empty folder named '%j' itself behind
-    if "%j" in literal.name and literal.is_dir() and not any(literal.iterdir()):
-        literal.rmdir()
+    remove_pattern_folder(args.job_dir)
     print("Submitted job_id:", job.job_id)
+    if args.cluster == "debug":  # submitit runs a debug job in this process, when its result is asked for
+        job.result()
     return job
