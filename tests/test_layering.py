@@ -32,6 +32,8 @@ LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 LAZY_OK = {
     ("util.runner", "torch.utils.tensorboard"),  # slow to import, needed only when logging
     ("util.export", "transformers"),  # optional dependency, needed only for --format hf
+    # slow to import, needed only when a figure is drawn
+    *(("util.visualize", m) for m in ("matplotlib.backends.backend_agg", "matplotlib.figure")),
     # optional dependency (requirements-dali.txt), needed only for --data_loader dali
     *(("util.dali", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
                                  "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core", "nvidia.dali.plugin.pytorch")),

@@ -10,8 +10,6 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -173,6 +171,10 @@ def draw_reconstructions(panels: torch.Tensor, mask_ratio: float, scale: Optiona
     cell_h, cell_w = h * scale, w * scale
     gap = max(6, round(0.06 * max(cell_h, cell_w)))
 
+    # matplotlib is slow to import (~0.5 s): only when a figure is drawn, not by every entry point's start
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(dpi=DPI, facecolor="white")
     canvas = FigureCanvasAgg(fig)
     titles = column_titles(mask_ratio)
@@ -204,7 +206,7 @@ def draw_reconstructions(panels: torch.Tensor, mask_ratio: float, scale: Optiona
     return ReconstructionFigure(rgb, titles, tuple(boxes), (0, band), cells, gap, scale, colours)
 
 
-def _fit_titles(fig: Figure, canvas: FigureCanvasAgg, titles: Sequence[str], cell_w: int,
+def _fit_titles(fig: "Figure", canvas: "FigureCanvasAgg", titles: Sequence[str], cell_w: int,
                 max_size: float = 12.0, min_size: float = 8.0) -> Tuple[float, Tuple[str, ...]]:
     """(font size in points, titles as drawn): the largest size up to `max_size` at which every title fits
     `cell_w` pixels; a title that would need less than `min_size` breaks its line before ' + '."""
