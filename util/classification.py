@@ -6,9 +6,8 @@ from torch.utils.data import DataLoader
 
 from engine_finetune import evaluate, train_one_epoch
 from util.dali import DaliAug, make_eval_loader
-from util.datasets import ImageFolder, build_dataset
+from util.datasets import ImageFolder, build_dataset, check_same_classes
 from util.errors import UserError
-from util.knn import check_same_classes
 from util.logger import log
 from util.resume import restore
 from util.runner import epochs_left, position_in_epoch, start_run, tensorboard_writer, train_loader, train_loop

@@ -21,7 +21,7 @@ from util.logger import log, warn
 from util.transforms import build_transform
 
 __all__ = ["ImageFolder", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform", "check_one_batch",
-           "eval_loader", "load_image", "split_folder", "to_8bit", "train_loader"]
+           "check_same_classes", "eval_loader", "load_image", "split_folder", "to_8bit", "train_loader"]
 
 
 # ----------------------------------------------------------------------------
@@ -105,6 +105,17 @@ class ImageFolder(datasets.ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+
+def check_same_classes(train: Dataset, val: Dataset) -> None:
+    """train/ and val/ must list the same class folders: each split numbers its own sorted folders, so a missing
+    or renamed one would shift every label after it (a Subset is checked by its dataset)."""
+    train_classes, val_classes = (getattr(d, "dataset", d).classes for d in (train, val))
+    if train_classes != val_classes:
+        only = sorted(set(train_classes) ^ set(val_classes))
+        raise UserError(f"train/ and val/ hold different class folders ({', '.join(only[:5]) or 'in another order'}"
+                        f"{', ...' if len(only) > 5 else ''}): the labels would not match; give both the same "
+                        f"class folders")
 
 
 def split_folder(data_path: str, split: str) -> str:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from util.datasets import build_dataset, eval_loader
+from util.datasets import build_dataset, check_same_classes, eval_loader
 from util.distributed import all_reduce_sum_, get_world_size
 from util.errors import UserError
 from util.logger import log
@@ -135,15 +135,6 @@ def knn_evaluate(encode: Callable[[torch.Tensor], torch.Tensor], train_loader: I
 
 def _base(dataset: Any) -> Any:
     return dataset.dataset if isinstance(dataset, Subset) else dataset
-
-
-def check_same_classes(train: Any, val: Any) -> None:
-    """train/ and val/ must list the same class folders, or every label after a difference would shift."""
-    train_classes, val_classes = _base(train).classes, _base(val).classes
-    if train_classes != val_classes:
-        only = sorted(set(train_classes) ^ set(val_classes))
-        raise UserError(f"train/ and val/ hold different class folders ({', '.join(only[:5]) or 'in another order'}"
-                        f"{', ...' if len(only) > 5 else ''}): k-NN labels would not match; use the same classes")
 
 
 def encoder_features(model: torch.nn.Module, global_pool: bool) -> Callable[[torch.Tensor], torch.Tensor]:
