@@ -328,8 +328,16 @@ def mae_vit_giant_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderViT:
                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4), kwargs)
 
 
-# the aliases become module attributes too, so that models_mae.__dict__[name] finds every name
-globals().update(MODELS)
+# set recommended archs: the aliases as module attributes, so that models_mae.__dict__[name] finds every name
+# (tests/test_models_mae.py checks that these and the registry's aliases agree)
+mae_vit_micro_patch4 = mae_vit_micro_patch4_dec64d2b
+mae_vit_tiny_patch4 = mae_vit_tiny_patch4_dec128d4b
+mae_vit_tiny_patch16 = mae_vit_tiny_patch16_dec128d4b
+mae_vit_small_patch16 = mae_vit_small_patch16_dec256d4b
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_giant_patch14 = mae_vit_giant_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:

@@ -22,7 +22,6 @@ from util.crop import RandomResizedCrop
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
-fix_timm_posterize()  # RandAugment at magnitude 10 on Pillow >= 13; see util/compat.py
 
 # the random-resized-crop area range of each stage when --crop_scale is not given
 PRETRAIN_SCALE = (0.2, 1.0)
@@ -60,6 +59,8 @@ def build_transform(is_train: bool, args: Any) -> Callable:
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if is_train:
         check_auto_augment(args.aa)
+        if args.aa:
+            fix_timm_posterize()  # RandAugment at magnitude 10 on Pillow >= 13 (util/compat.py); idempotent
         try:
             return create_transform(
                 input_size=args.input_size,
