@@ -137,7 +137,7 @@ def test_grey_originals_are_drawn_grey_and_colour_ones_in_colour():
     import numpy as np
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from util.visualize import reconstruct, to_uint8
+    from util.visualize import panel_pixels, reconstruct
 
     torch.manual_seed(0)
     model = models_mae.mae_vit_micro_patch4(norm_pix_loss=True)  # untrained: its channels disagree
@@ -146,7 +146,8 @@ def test_grey_originals_are_drawn_grey_and_colour_ones_in_colour():
     grey = torch.rand(1, 1, 32, 32).expand(1, 3, 32, 32)
     colour = torch.rand(1, 3, 32, 32)
     panels = reconstruct(model, (torch.cat([grey, colour]) - mean) / std)
-    grid = to_uint8(panels).astype(int)  # [2*32, 4*32, 3]
+    pixels, _ = panel_pixels(panels)  # [2, 4, 32, 32, 3]
+    grid = pixels.transpose(0, 2, 1, 3, 4).reshape(2 * 32, 4 * 32, 3).astype(int)  # rows = images
     recon = (panels[:, 2] * std + mean).clamp(0, 1)  # the reconstruction panel in pixels, [2, 3, 32, 32]
     assert (recon[0].amax(0) - recon[0].amin(0)).max() > 0.05  # the model's own output has a colour cast
     # the grey row: every panel has R = G = B, and the reconstruction is the channel mean

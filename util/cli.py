@@ -163,9 +163,9 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                            "holds a run, unless --overwrite)")
     parser.set_defaults(auto_resume=True)
     ours.add_argument("--overwrite", action="store_true",
-                      help="delete the run in --output_dir (its checkpoints, log.txt, args.json, and the TensorBoard "
-                           "events in --log_dir) when training starts, and start afresh; without it a folder holding "
-                           "another run is an error")
+                      help="delete the run in --output_dir (its checkpoints, log.txt, args.json, and its TensorBoard "
+                           "events when --log_dir is the same folder) when training starts, and start afresh; without "
+                           "it a folder holding another run is an error")
     ours.add_argument("--stop_epoch", default=None, type=int, metavar="N",
                       help="end this run before epoch N while keeping the --epochs schedule; the same command "
                            "without it resumes (for time-limited jobs)")

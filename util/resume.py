@@ -143,8 +143,9 @@ def resolve_resume(resume: str, output_dir: str, auto_resume: bool, eval_only: b
     checkpoint = None
     if resume:
         if settings is not None:
-            resume = check_explicit_resume(resume, folder, output_dir, entry, settings, overwrite)
-        checkpoint = load_checkpoint(resume, mmap=True)
+            resume, checkpoint = check_explicit_resume(resume, folder, output_dir, entry, settings, overwrite)
+        else:
+            checkpoint = load_checkpoint(resume, mmap=True)
     elif folder is not None and settings is not None:
         check_folder(folder, output_dir, auto_resume, entry, settings, overwrite)
         if folder.checkpoint is not None and not overwrite:

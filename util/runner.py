@@ -63,8 +63,8 @@ def epochs_left(args: Any) -> int:
 def start_run(args: Any) -> None:
     """The first write of a training run, on rank 0, after the data, model and resume state are ready.
 
-    With --overwrite the run files of --output_dir (and the TensorBoard events of --log_dir) are deleted
-    first; then log lines of the epochs about to be trained again are dropped, temporary files of a killed
+    With --overwrite the run files of --output_dir (and its TensorBoard events, when --log_dir is the same
+    folder) are deleted first; then log lines of the epochs about to be trained again are dropped, temporary files of a killed
     run removed, and args.json written: every setting resolved, the `args` of each checkpoint this run writes.
     """
     if not args.output_dir or not is_main_process() or not epochs_left(args):

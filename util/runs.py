@@ -9,13 +9,15 @@ number of processes and the per-process batch may change as long as their produc
 - `read_folder`: what --output_dir holds (the newest checkpoint's run, else args.json's, else unknown files);
 - `settings_of`, `differences`: the run-defining settings of a run and how two runs differ;
 - `entry_of`: the entry point of a checkpoint, also of older ones and the reference's (from its weights);
+- `check_folder`, `check_explicit_resume`, `check_log_dir`, `check_resumable`: whether this run may continue
+  or write where it is pointed, each refusal a one-line UserError with the ways out;
 - `remove_run`: --overwrite's deletion of a folder's run files.
 """
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from util.checkpoint import CHECKPOINT_RE, find_latest_checkpoint, load_checkpoint
 from util.errors import CheckpointError, UserError
@@ -41,7 +43,7 @@ MAY_CHANGE = frozenset({
     # the submitit launchers' own flags
     "ngpus", "nodes", "timeout", "job_dir", "partition", "use_volta32", "comment", "cluster",
 })
-PATHS = ("data_path", "finetune")  # compared as normalised paths
+PATHS = ("data_path", "finetune")  # compared as absolute paths (older checkpoints recorded them as given)
 # settings that older versions saved as None (meaning: the model's or the stage's default) and that are now
 # resolved before they are recorded: a None saved then is not a difference
 RESOLVED_SINCE = frozenset({"crop_scale", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"})
@@ -66,7 +68,7 @@ def _batch(args: Dict[str, Any]) -> str:
 
 
 def _keep_batch(saved: Dict[str, Any], current: Dict[str, Any]) -> str:
-    """' (--batch_size 2 keeps it)': the per-process batch that gives the saved effective batch here, if any."""
+    """'; --batch_size 2 keeps it': the per-process batch that gives the saved effective batch here, if any."""
     per_step = current["accum_iter"] * current["world_size"]
     eff = settings_of(saved)[EFF_BATCH]
     return f"; --batch_size {eff // per_step} keeps it" if eff % per_step == 0 else ""
@@ -244,9 +246,9 @@ def check_folder(folder: FolderRun, output_dir: str, auto_resume: bool, entry: s
 
 
 def check_explicit_resume(resume: str, folder: Optional[FolderRun], output_dir: str, entry: str,
-                          settings: Dict[str, Any], overwrite: bool) -> str:
-    """--resume PATH: the checkpoint to continue (PATH, or output_dir's own newest checkpoint when the same
-    command already ran there), after checking that it is of the same entry point, that no other run's folder
+                          settings: Dict[str, Any], overwrite: bool) -> Tuple[str, Dict[str, Any]]:
+    """--resume PATH: (the checkpoint to continue, its contents loaded with mmap): PATH, or output_dir's own
+    newest checkpoint when the same command already ran there; after checking that it is of the same entry point, that no other run's folder
     is written over, and warning about settings that differ."""
     flag = _dir_flag(settings)
     if folder is not None:
@@ -271,7 +273,7 @@ def check_explicit_resume(resume: str, folder: Optional[FolderRun], output_dir: 
     if diffs:
         warn(f"--resume {resume} continues a run whose settings differ from this command's ({'; '.join(diffs)}): "
              f"continuing with this command's settings")
-    return resume
+    return resume, checkpoint
 
 
 def check_log_dir(other: Optional[FolderRun], log_dir: str, output_dir: str) -> None:

@@ -94,18 +94,6 @@ def panel_pixels(panels: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_
     return pixels, removed.numpy()
 
 
-def to_uint8(panels: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> np.ndarray:
-    """[N, 4, C, H, W] normalised panels -> one [N*H, 4*W, 3] uint8 grid (rows = images), without gaps or titles.
-
-    The raw pixels of `panel_pixels` side by side, removed patches in mid grey; figures for people are
-    drawn by `draw_reconstructions`.
-    """
-    pixels, removed = panel_pixels(panels, mean, std)
-    pixels[:, 1][removed] = 128
-    n, k, h, w, _ = pixels.shape
-    return pixels.transpose(0, 2, 1, 3, 4).reshape(n * h, k * w, 3)
-
-
 def mask_colour(originals: np.ndarray, candidates: Sequence[Tuple[int, int, int]] = MASK_COLOURS,
                 min_distance: float = MIN_MASK_DISTANCE) -> Tuple[int, int, int]:
     """The first candidate at least `min_distance` (RGB, 0..255) from every pixel of `originals` [..., 3]
