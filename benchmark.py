@@ -26,261 +26,59 @@ runs the real training step fed by the real loader(s) and prints each rate next 
 rate of the same model, batch and precision, measured in the same run.
 """
 import argparse
-import gc
 import itertools
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
-from PIL import Image
 
-import models_mae
-import models_vit
+import main_finetune
 import util.cli as cli
+import util.loaders as loaders
 import util.perf as perf
-import util.dali as dali
+from util.bench import make_jpeg_folder, matmul_peak, run, sync
+from util.config import settings_from_flags
 from util.datasets import ImageFolder, train_loader
-from util.distributed import (all_gather_objects, destroy_process_group, get_world_size, init_distributed_mode,
-                              init_single_process_group, is_main_process)
+from util.distributed import get_world_size, is_main_process
 from util.errors import UserError
+from util.flag_checks import check_fsdp_flags
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
-from util.precision import NativeScalerWithGradNormCount, autocast, cpu_has_native_bf16, resolve_amp
-from util.sharding import local_state_bytes, shard_model
-from util.transforms import build_transform, normalize_images, pretrain_transform
+from util.optional import require_dali
+from util.recipes import pretrain_recipe
+from util.settings import join
+from util.transforms import pretrain_transform
 
 
-# ----------------------------------------------------------------------------
-# analytic FLOPs (multiply-adds x 2), forward pass, per image
-
-def _block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
-    linear = 2 * tokens * dim * (3 * dim + dim + 2 * mlp_ratio * dim)  # qkv, proj, fc1 + fc2
-    attention = 2 * 2 * tokens * tokens * dim  # q @ k^T and attn @ v
-    return linear + attention
-
-
-def _mlp_ratio(blocks) -> float:
-    """Hidden / width of the blocks' MLP (4, or 48/11 for ViT-g)."""
-    fc1 = blocks[0].mlp.fc1
-    return fc1.out_features / fc1.in_features
-
-
-def mae_flops(model: models_mae.MaskedAutoencoderViT, mask_ratio: float) -> float:
-    """Patch embedding on all patches, encoder on visible + cls, decoder on all tokens + cls."""
-    L = model.patch_embed.num_patches
-    keep = int(L * (1 - mask_ratio))
-    D = model.pos_embed.shape[-1]
-    Dd = model.decoder_pos_embed.shape[-1]
-    patch_dim = model.patch_embed.proj.weight[0].numel()
-    flops = 2 * L * patch_dim * D
-    flops += len(model.blocks) * _block_flops(1 + keep, D, _mlp_ratio(model.blocks))
-    flops += 2 * (1 + keep) * D * Dd
-    flops += len(model.decoder_blocks) * _block_flops(1 + L, Dd, _mlp_ratio(model.decoder_blocks))
-    flops += 2 * (1 + L) * Dd * model.decoder_pred.out_features
-    return flops
-
-
-def vit_flops(model: models_vit.VisionTransformer) -> float:
-    L = model.patch_embed.num_patches
-    D = model.embed_dim
-    patch_dim = model.patch_embed.proj.weight[0].numel()
-    return (2 * L * patch_dim * D + len(model.blocks) * _block_flops(1 + L, D, _mlp_ratio(model.blocks))
-            + 2 * D * model.head.out_features)
-
-
-# ----------------------------------------------------------------------------
-
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured TFLOP/s of a square matmul on this device."""
-    # CPUs without native bf16 emulate it slowly: keep their measurement short
-    if device.type == "cuda":
-        n = 8192
-    elif dtype == torch.float32 or cpu_has_native_bf16():
-        n = 2048
-    else:
-        n = 256
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    reps = 20 if device.type == "cuda" else 5
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def reset_cpu_peak_memory() -> None:
-    """Start a new resident-set high-water mark (Linux), so each configuration reports its own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def cpu_peak_memory_gib() -> float:
-    """Peak resident set size of this process since the last reset (Linux), else since it started."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2 ** 20  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kB elsewhere
-    return peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def run(args: argparse.Namespace, baseline: bool, batches: Optional[Iterator] = None) -> Dict[str, float]:
-    """Time `args.steps` training steps of one configuration; return its numbers.
-
-    batches: an endless stream of (images, labels) from a training loader (images normalised on the
-    device here when uint8), as the engines take them; None for one synthetic batch on the device.
-    """
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    if baseline:
-        amp = "fp16" if device.type == "cuda" else "none"
-        attn, patch_embed, opt_impl, host_sync = "math", "conv", "default", True
-    else:
-        amp = resolve_amp(None if args.amp == "auto" else args.amp, device)
-        # what "auto" stands for (as in the training scripts), so the report names the choices that ran
-        attn, patch_embed = perf.resolve_layers(device.type, amp, args.attn, args.patch_embed)
-        opt_impl, host_sync = perf.adamw_impl(args.optimizer, device), False
-
-    layers = dict(attn=attn, patch_embed=patch_embed)
-    fsdp = args.fsdp and not baseline
-    if args.mode == "pretrain":
-        model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=True, **layers)
-        flops = mae_flops(model, args.mask_ratio)
-    else:
-        model = models_vit.create_model(args.model, img_size=args.input_size, num_classes=1000,
-                                        drop_path_rate=0.1, global_pool=True, **layers)
-        flops = vit_flops(model)
-    if args.grad_checkpointing and not baseline:
-        model.set_grad_checkpointing(True)
-    if fsdp:
-        shard_model(model, device, amp)  # moves each process's shards to the device
-    model.to(device).train()
-    optimizer = perf.adamw(model.parameters(), 1e-4, device, betas=(0.9, 0.95), impl=opt_impl)
-    scaler = NativeScalerWithGradNormCount(device.type, enabled=amp == "fp16")
-    step_fn = model
-    if args.compile and not baseline and not fsdp:
-        step_fn = torch.compile(model, mode=args.compile_mode)
-
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-
-    def step(keep_grads: bool = False) -> torch.Tensor:
-        nonlocal x, y
-        if batches is not None:
-            images, labels = next(batches)
-            x = normalize_images(images.to(device, non_blocking=True))
-            y = labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            if args.mode == "pretrain":
-                loss = step_fn(x, mask_ratio=args.mask_ratio)[0]
-            else:
-                loss = torch.nn.functional.cross_entropy(step_fn(x), y)
-        scaler(loss, optimizer)
-        if not keep_grads:
-            optimizer.zero_grad(set_to_none=True)
-        if host_sync:
-            loss.item()
-        return loss
-
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    # peak memory of the timed steps (model, optimizer state and activations), as on CUDA
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        gc.collect()
-        reset_cpu_peak_memory()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - start
-    img_s = args.batch_size * args.steps / seconds
-    tflops = 3 * flops * img_s / 1e12
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else cpu_peak_memory_gib()
-    step(keep_grads=True)  # one more step, to count the gradients this process holds
-    held = local_state_bytes(model, optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    per_process = all_gather_objects({"mem_gib": mem, **{f"{k}_gib": v / 2 ** 30 for k, v in held.items()}})
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"config": "baseline" if baseline else "default", "amp": amp, "attn": attn, "patch_embed": patch_embed,
-            "optimizer": opt_impl, "compile": bool(args.compile and not baseline and not fsdp), "fsdp": fsdp,
-            "grad_checkpointing": bool(args.grad_checkpointing and not baseline), "processes": get_world_size(),
-            "params_m": n_params / 1e6, "img_s": img_s * get_world_size(), "tflops": tflops * get_world_size(),
-            "gflops_per_img": 3 * flops / 1e9, "mem_gib": max(p["mem_gib"] for p in per_process),
-            "per_process": per_process}
-
-
-# ----------------------------------------------------------------------------
-# input pipeline
-
-def _write_jpeg(job) -> None:
-    """One ImageNet-like JPEG: 500x375, smooth content plus grain, ~105 kB at quality 90."""
-    path, seed = job
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
-    arr = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 22, (375, 500, 3)).astype(np.int16)
-    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-
-
-def make_jpeg_folder(root: str, images: int, classes: int = 10) -> str:
-    """root/train/<class>/<i>.jpg with `images` generated JPEGs; return root."""
-    jobs = []
-    for i in range(images):
-        d = os.path.join(root, "train", f"class{i % classes}")
-        os.makedirs(d, exist_ok=True)
-        jobs.append((os.path.join(d, f"{i}.jpg"), i))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with Pool(max(1, min(len(jobs), cores))) as pool:
-        pool.map(_write_jpeg, jobs)
-    return root
-
-
-FINETUNE_DEFAULTS = dict(color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1)
+def finetune_recipe_of_defaults(input_size: int):
+    """main_finetune.py's training recipe with its default flags."""
+    defaults = main_finetune.get_args_parser().parse_args([])
+    return main_finetune.train_recipe(settings_from_flags({**vars(defaults), "input_size": input_size,
+                                                           "crop_scale": [0.08, 1.0]}))
 
 
 def loader_stream(args: argparse.Namespace, kind: str) -> Tuple[Iterator, Dict[str, float]]:
     """An endless stream of training batches from the `kind` loader ('torch' or 'dali') over
-    args.data_path/train with the --transform's augmentation; and facts about it (images, set-up seconds)."""
+    args.data_path/train with the --transform's recipe, as the training scripts build it (util/loaders.py);
+    and facts about it (images, set-up seconds)."""
     root = os.path.join(args.data_path, "train")
+    device = torch.device(args.device)
     start = time.perf_counter()
-    if kind == "dali":
-        dataset = ImageFolder(root)
-        aug = dali.finetune_aug(argparse.Namespace(input_size=args.input_size, **FINETUNE_DEFAULTS)) \
-            if args.transform == "finetune" else dali.pretrain_aug(args.input_size)
-        # checks every file first (util/dali.py): part of the set-up time
-        loader = dali.dali_train_loader(dataset, aug, args.batch_size, args.num_workers, 0, torch.device(args.device))
-    else:
-        if args.transform == "pretrain":  # as main_pretrain.py: uint8 out, normalised on the device
-            transform = pretrain_transform(args.input_size, normalize=False)
-        elif args.transform == "pretrain-float":  # as the reference: normalised floats out of the workers
-            transform = pretrain_transform(args.input_size)
-        else:  # the fine-tuning defaults: RandAugment, random erasing
-            transform = build_transform(True, argparse.Namespace(input_size=args.input_size, **FINETUNE_DEFAULTS))
-        dataset = ImageFolder(root, transform=transform)
+    if args.transform == "pretrain-float":  # as the reference: normalised floats out of the workers, on the host
+        if kind == "dali":
+            raise UserError("--transform pretrain-float is the torch loader's reference output; use --transform "
+                            "pretrain with --data_loader dali")
+        dataset = ImageFolder(root, transform=pretrain_transform(args.input_size))
         loader = train_loader(dataset, args.batch_size, args.num_workers, pin_mem=True, seed=0)
+    else:
+        recipe = finetune_recipe_of_defaults(args.input_size) if args.transform == "finetune" \
+            else pretrain_recipe(args.input_size)
+        dataset = ImageFolder(root)
+        # DALI checks every file first (util/dali.py): part of the set-up time
+        loader = loaders.train_loader(kind, dataset, recipe, args.batch_size, args.num_workers, True, 0, device)
     setup_s = time.perf_counter() - start
 
     def batches():
@@ -324,11 +122,7 @@ def _ratio_line(results: List[Dict[str, float]]) -> Optional[str]:
 
 
 def main_data(args: argparse.Namespace) -> int:
-    try:
-        source, results = with_jpeg_folder(args, lambda a: [data_throughput(a, k) for k in args.data_loader])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    source, results = with_jpeg_folder(args, lambda a: [data_throughput(a, k) for k in args.data_loader])
     print(f"input pipeline: {source}, {args.transform} transform, {args.input_size}px, "
           f"batch {args.batch_size}, {args.num_workers} workers (dali: threads), device {args.device}")
     for r in results:
@@ -355,11 +149,7 @@ def main_e2e(args: argparse.Namespace) -> int:
             results.append({"loader": kind, **run(a, baseline=False, batches=stream), **info})
         return results
 
-    try:
-        source, results = with_jpeg_folder(args, body)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    source, results = with_jpeg_folder(args, body)
     synthetic = results[0]["img_s"]
     name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
     print(f"end to end: {name}, {args.mode} {args.model}, batch {args.batch_size}, {args.input_size}px, "
@@ -376,11 +166,9 @@ def main_e2e(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """Run the benchmark the command line (or `argv`) asks for; return the exit code."""
-    try:
-        return _main(argv)
-    finally:
-        destroy_process_group()  # the one --fsdp or torchrun made, if any
+    """Run the benchmark the command line (or `argv`) asks for; return the exit code (cli.launch: one `error:`
+    line for a mistake, and the process group --fsdp or torchrun made is left)."""
+    return cli.launch(benchmark, cli.command_line_parser(get_args_parser()).parse_args(argv))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -444,53 +232,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--transform", choices=["pretrain", "pretrain-float", "finetune"], default="pretrain",
                       help="the augmentation to time (pretrain-float: the reference's float output); e2e times MAE "
                            "pre-training for pretrain, ViT fine-tuning for finetune")
-    data.add_argument("--data_loader", nargs="+", choices=dali.LOADERS, default=["torch"],
+    data.add_argument("--data_loader", nargs="+", choices=loaders.LOADERS, default=["torch"],
                       help="the loader(s) to time, one after the other in this process (dali: NVIDIA DALI with "
                            "--num_workers threads)")
     return parser
 
 
-def _main(argv=None) -> int:
-    parser = cli.command_line_parser(get_args_parser())
-    args = parser.parse_args(argv)
+def benchmark(args: argparse.Namespace) -> int:
+    """The measurement the flags ask for, printed (and written to --json)."""
     if args.mode in ("data", "e2e"):
         if args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            print(f"error: --mode {args.mode} runs in one process without --fsdp; time sharded steps with "
-                  f"--mode pretrain or finetune", file=sys.stderr)
-            return 2
-        if "dali" in args.data_loader and not dali.dali_available():
-            print(f"error: --data_loader dali needs NVIDIA DALI: {dali.install_command()}", file=sys.stderr)
-            return 2
-        if args.compile is None:
-            args.compile = args.device.startswith("cuda")
+            raise UserError(f"--mode {args.mode} runs in one process without --fsdp; time sharded steps with "
+                            f"--mode pretrain or finetune")
+        if "dali" in args.data_loader:
+            require_dali()
         return main_data(args) if args.mode == "data" else main_e2e(args)
     if args.model is None:
         args.model = "mae_vit_base_patch16" if args.mode == "pretrain" else "vit_base_patch16"
-    device = torch.device(args.device)
-    if args.compile is None:
-        args.compile = device.type == "cuda" and not args.fsdp
-    if args.fsdp:
-        if args.amp == "fp16":
-            print("error: --fsdp does not support --amp fp16; use --amp bf16 or none", file=sys.stderr)
-            return 2
-        if args.amp == "auto" and device.type == "cuda":
-            args.amp = "bf16"
+    # the training scripts' checks of --fsdp with --amp and --compile
+    check_fsdp_flags(settings_from_flags({"fsdp": args.fsdp, "amp": None if args.amp == "auto" else args.amp,
+                                          "compile": args.compile}))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (not args.fsdp or args.baseline or args.compare):
         # without --fsdp the processes would train independently (no DDP here), not as one data-parallel run
-        if os.environ.get("RANK", "0") == "0":
-            print("error: several processes need --fsdp (and no --baseline / --compare): there is no DDP here",
-                  file=sys.stderr)
-        return 2
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: one process per GPU
-        dist_args = argparse.Namespace(device=args.device, dist_url="env://", dist_on_itp=False)
-        init_distributed_mode(dist_args)
-        if device.type == "cuda":
-            device = torch.device("cuda", dist_args.gpu)
-            args.device = str(device)
-    elif args.fsdp:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        init_single_process_group(device.type)
+        raise UserError("several processes need --fsdp (and no --baseline / --compare): there is no DDP here")
+    # joined as the training scripts join: torchrun's group (one process per GPU), or with --fsdp a group of one
+    device, _ = join(args.device, "env://", False, 30, args.fsdp)
+    args.device = str(device)
     torch.set_float32_matmul_precision("highest")
 
     configs = [True, False] if args.compare else [args.baseline]

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from timm.data import Mixup
 
-from util.engine_loop import AfterStep, train_epoch
+from util.engine_loop import StepBoundary, TrainEpoch
 from util.logger import log
 from util.metrics import MetricLogger, SmoothedValue
 from util.precision import autocast, resolve_amp
@@ -21,31 +21,34 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler: Any,
                     max_norm: Optional[float] = 0, mixup_fn: Optional[Mixup] = None,
                     log_writer: Optional[Any] = None, args: Optional[Any] = None,
-                    position: Optional[EpochPosition] = None, after_step: Optional[AfterStep] = None) -> Dict[str, float]:
+                    position: Optional[EpochPosition] = None, stop: Optional[StepBoundary] = None) -> Dict[str, float]:
     """Train for one epoch; return the global averages of 'loss' and 'lr'.
 
     Args:
         criterion: loss on (logits, targets); soft targets when mixup_fn is given.
-        data_loader: yields (images, targets); images are normalised floats, or uint8 normalised here
-            on the device (see util.transforms.normalize_images).
+        data_loader: yields (images, targets); images are normalised floats, as every loader of
+            util/loaders.py yields them (uint8 batches are normalised here).
         max_norm: gradient clipping norm; None or 0 for no clipping.
         mixup_fn: timm Mixup/CutMix applied to each batch, or None.
         log_writer: TensorBoard SummaryWriter or None (scalars 'loss' and 'lr').
-        args: needs accum_iter and the lr schedule fields; optional amp, print_freq.
-        position, after_step: continue a stopped epoch, and the step-boundary hook (util/engine_loop.py).
+        args: accum_iter, amp, print_freq and the lr schedule fields (settings.args of a run).
+        position, stop: continue a stopped epoch; told at each optimizer step (util/engine_loop.py).
     """
-    def compute_loss(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        samples = normalize_images(samples)  # uint8 batches are normalised here, on the device
+    epoch_run = TrainEpoch(model, optimizer, loss_scaler, epoch, args, log_writer, "loss", clip_grad=max_norm,
+                           position=position, stop=stop)
+    for data_iter_step, (samples, targets) in epoch_run.batches(data_loader):
+        samples = normalize_images(samples.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        outputs = model(samples)
-        # the loss in fp32 from the logits, whatever --amp: CPU autocast keeps log_softmax (timm's
-        # LabelSmoothingCrossEntropy) in bf16, where CUDA autocast runs it in fp32; a no-op for fp32 logits
-        return criterion(outputs.float(), targets)
-
-    return train_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, compute_loss,
-                       args=args, log_writer=log_writer, loss_tag="loss", clip_grad=max_norm, position=position,
-                       after_step=after_step)
+        with epoch_run.micro_step(data_iter_step):  # lr schedule; gradients reduced at the accumulation's end
+            with autocast(device, args.amp):
+                outputs = model(samples)
+                # the loss in fp32 from the logits, whatever --amp: CPU autocast keeps log_softmax (timm's
+                # LabelSmoothingCrossEntropy) in bf16, where CUDA autocast runs it in fp32; a no-op for fp32 logits
+                loss = criterion(outputs.float(), targets)
+            epoch_run.backward(loss)  # loss_scaler: backward, clip, optimizer step every accum_iter; meters
+    return epoch_run.finish()
 
 
 @torch.no_grad()

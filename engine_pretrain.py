@@ -8,7 +8,8 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
-from util.engine_loop import AfterStep, train_epoch
+from util.engine_loop import StepBoundary, TrainEpoch
+from util.precision import autocast
 from util.resume import EpochPosition
 from util.transforms import normalize_images
 
@@ -16,23 +17,24 @@ from util.transforms import normalize_images
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler: Any,
                     log_writer: Optional[Any] = None, args: Optional[Any] = None,
-                    position: Optional[EpochPosition] = None, after_step: Optional[AfterStep] = None) -> Dict[str, float]:
+                    position: Optional[EpochPosition] = None, stop: Optional[StepBoundary] = None) -> Dict[str, float]:
     """Train for one epoch; return the global averages of the logged meters ('loss', 'lr').
 
     Args:
-        model: MAE model (possibly DDP-wrapped) returning (loss, pred, mask).
-        data_loader: yields (images, labels); labels are ignored. Images are normalised floats, or
-            uint8 (util.transforms.pretrain_transform(normalize=False)), normalised here on the device.
-        loss_scaler: util.precision.NativeScalerWithGradNormCount (backward + step).
+        model: MAE model (possibly DDP-wrapped) returning (loss, pred, mask): the model holds the loss.
+        data_loader: yields (images, labels); labels are ignored. Images are normalised floats, as every
+            loader of util/loaders.py yields them (uint8 batches are normalised here).
+        loss_scaler: util.precision.NativeScalerWithGradNormCount (backward + optimizer step).
         log_writer: TensorBoard SummaryWriter or None (scalars 'train_loss' and 'lr').
-        args: needs accum_iter, mask_ratio and the lr schedule fields; optional amp, print_freq.
-        position, after_step: continue a stopped epoch, and the step-boundary hook (util/engine_loop.py).
+        args: accum_iter, mask_ratio, amp, print_freq and the lr schedule fields (settings.args of a run).
+        position, stop: continue a stopped epoch; told at each optimizer step (util/engine_loop.py).
     """
-    def compute_loss(samples: torch.Tensor, _targets: Any) -> torch.Tensor:
-        samples = normalize_images(samples)  # uint8 batches are normalised here, on the device
-        loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-        return loss
-
-    return train_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, compute_loss,
-                       args=args, log_writer=log_writer, loss_tag="train_loss", position=position,
-                       after_step=after_step)
+    epoch_run = TrainEpoch(model, optimizer, loss_scaler, epoch, args, log_writer, "train_loss", position=position,
+                           stop=stop)
+    for data_iter_step, (samples, _) in epoch_run.batches(data_loader):
+        samples = normalize_images(samples.to(device, non_blocking=True))
+        with epoch_run.micro_step(data_iter_step):  # lr schedule; gradients reduced at the accumulation's end
+            with autocast(device, args.amp):
+                loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
+            epoch_run.backward(loss)  # loss_scaler: backward, optimizer step every accum_iter; meters, NaN check
+    return epoch_run.finish()

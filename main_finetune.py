@@ -19,12 +19,12 @@ import util.lr_decay as lrd
 import util.perf as perf
 import util.runner as runner
 from util.checkpoint import load_pretrained
-from util.classification import classification_data, run_classification
-from util.dali import eval_aug, finetune_aug
+from util.classification import classification_data, evaluate_once, train_and_evaluate
+from util.config import AugmentSettings, Settings
 from util.errors import UserError
 from util.logger import log
 from util.precision import make_loss_scaler
-from util.transforms import build_transform, eval_transform
+from util.recipes import Recipe, eval_recipe, finetune_recipe
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,71 +75,81 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_mixup(args: argparse.Namespace):
+def build_mixup(augment: AugmentSettings, batch_size: int, nb_classes: int):
     """timm Mixup/CutMix (label smoothing inside) when enabled, else None."""
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    a = augment
+    mixup_active = a.mixup > 0 or a.cutmix > 0. or a.cutmix_minmax is not None
     if not mixup_active:
         return None
-    if args.batch_size % 2:
-        raise UserError(f"mixup/cutmix need an even --batch_size, got {args.batch_size}")
+    if batch_size % 2:
+        raise UserError(f"mixup/cutmix need an even --batch_size, got {batch_size}")
     log("Mixup is activated!")
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, cutmix_minmax=a.cutmix_minmax,
+                 prob=a.mixup_prob, switch_prob=a.mixup_switch_prob, mode=a.mixup_mode,
+                 label_smoothing=a.smoothing, num_classes=nb_classes)
+
+
+def train_recipe(settings: Settings) -> Recipe:
+    """The fine-tuning augmentation of these settings (util/recipes.py), for either loader."""
+    a = settings.augment
+    return finetune_recipe(settings.data.input_size, a.aa, a.color_jitter, a.reprob, a.remode, a.recount,
+                           settings.data.hflip, settings.crop_scale)
 
 
 def main(args: argparse.Namespace) -> dict:
     """Fine-tune (or with --eval, evaluate) a ViT on args.data_path/{train,val}."""
-    device = runner.setup(args, "main_finetune")
+    settings = runner.setup(args, "main_finetune")
+    device, m, data = settings.device, settings.model, settings.data
 
-    model = runner.build_model(models_vit.create_model, args.model, num_classes=args.nb_classes,
-                               drop_path_rate=args.drop_path, global_pool=args.global_pool, img_size=args.input_size,
-                               attn=args.attn, patch_embed=args.patch_embed)
-    runner.check_input_size(args.input_size, model)
-    # the training augmentation only when training: an --aa DALI cannot run must not stop an --eval run
-    dali_augs = (None if args.eval else finetune_aug(args), eval_aug(args.input_size)) \
-        if args.data_loader == "dali" else None
-    _, _, data_loader_train, data_loader_val = classification_data(
-        # validation images leave the loader as uint8 and are normalised on the device (engine_finetune)
-        args, build_transform(True, args), eval_transform(args.input_size, normalize=False), device, dali_augs)
-    mixup_fn = build_mixup(args)
+    model = runner.build_model(models_vit.create_model, m.model, num_classes=m.nb_classes,
+                               drop_path_rate=m.drop_path, global_pool=m.global_pool, img_size=data.input_size,
+                               attn=settings.precision.attn, patch_embed=settings.precision.patch_embed)
+    runner.check_input_size(data.input_size, model)
+    # the training augmentation only when training: an --aa that DALI cannot run must not stop an --eval run
+    data_loader_train, data_loader_val = classification_data(
+        settings, None if settings.ckpt.eval else train_recipe(settings), eval_recipe(data.input_size))
+    mixup_fn = build_mixup(settings.augment, data.batch_size, m.nb_classes)
 
-    if args.finetune and not args.eval:
-        load_pretrained(model, args.finetune, args.global_pool)
+    if m.finetune and not settings.ckpt.eval:
+        load_pretrained(model, m.finetune, m.global_pool)
         # manually initialize fc layer
         trunc_normal_(model.head.weight, std=2e-5)
-    elif args.eval:
-        runner.eval_weights(args, model)
-    if args.finetune_blocks is not None:
+    elif settings.ckpt.eval:
+        runner.eval_weights(settings, model)
+    if m.finetune_blocks is not None:
         try:
-            model.train_last_blocks(args.finetune_blocks)
+            model.train_last_blocks(m.finetune_blocks)
         except ValueError as e:
-            raise UserError(f"--finetune_blocks {args.finetune_blocks}: {e}") from None
-        log(f"Partial fine-tuning: the last {args.finetune_blocks} blocks, the final norm and the head train")
+            raise UserError(f"--finetune_blocks {m.finetune_blocks}: {e}") from None
+        log(f"Partial fine-tuning: the last {m.finetune_blocks} blocks, the final norm and the head train")
 
-    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile, fsdp=args.fsdp,
-                                                    amp=args.amp, grad_checkpointing=args.grad_checkpointing)
+    p, optim = settings.precision, settings.optim
+    model, model_without_ddp = runner.prepare_model(model, device, settings.dist.distributed, p.compile,
+                                                    fsdp=settings.dist.fsdp, amp=p.amp,
+                                                    grad_checkpointing=p.grad_checkpointing)
+    if settings.ckpt.eval:
+        return evaluate_once(settings, model, model_without_ddp, data_loader_val)
 
     # build optimizer with layer-wise lr decay (lrd)
-    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
+    param_groups = lrd.param_groups_lrd(model_without_ddp, optim.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
-                                        layer_decay=args.layer_decay)
-    optimizer = perf.adamw(param_groups, args.lr, device)
-    loss_scaler = make_loss_scaler(args.amp, device)
+                                        layer_decay=optim.layer_decay)
+    optimizer = perf.adamw(param_groups, optim.lr, device)
+    loss_scaler = make_loss_scaler(p.amp, device)
 
     if mixup_fn is not None:
         # smoothing is handled with mixup label transform
         criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0.:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    elif settings.augment.smoothing > 0.:
+        criterion = LabelSmoothingCrossEntropy(smoothing=settings.augment.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
     log("criterion = %s" % str(criterion))
 
-    return run_classification(
-        args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
-        criterion=criterion, device=device, data_loader_train=data_loader_train,
-        data_loader_val=data_loader_val, mixup_fn=mixup_fn, max_norm=args.clip_grad)
+    return train_and_evaluate(
+        settings, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
+        criterion=criterion, data_loader_train=data_loader_train, data_loader_val=data_loader_val,
+        mixup_fn=mixup_fn, max_norm=optim.clip_grad)
 
 
 if __name__ == "__main__":

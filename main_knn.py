@@ -57,22 +57,26 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(str(e)) from None
     if args.temperature <= 0:
         raise UserError(f"--temperature must be more than 0, got {args.temperature}")
-    device = runner.setup(args, "main_knn")
+    settings = runner.setup(args, "main_knn")
+    device, m, data = settings.device, settings.model, settings.data
 
-    model = runner.build_model(models_vit.create_model, args.model, num_classes=0, global_pool=args.global_pool,
-                               img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed)
-    runner.check_input_size(args.input_size, model)
-    load_pretrained(model, args.finetune, args.global_pool)
+    model = runner.build_model(models_vit.create_model, m.model, num_classes=0, global_pool=m.global_pool,
+                               img_size=data.input_size, attn=settings.precision.attn,
+                               patch_embed=settings.precision.patch_embed)
+    runner.check_input_size(data.input_size, model)
+    load_pretrained(model, m.finetune, m.global_pool)
     model.to(device).eval()
 
-    train_loader, val_loader = knn_loaders(args.data_path, args.input_size, args.batch_size, args.num_workers,
-                                           args.pin_mem, strict=args.strict_data)
+    train_loader, val_loader = knn_loaders(data.data_path, data.input_size, data.batch_size, data.num_workers,
+                                           data.pin_mem, device, strict=data.strict_data)
     log(f"k-NN on {len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images")
-    results = knn_evaluate(model, train_loader, val_loader, device, ks, args.temperature, args.amp)
-    if args.output_dir and is_main_process():  # its own file: --output_dir may hold a training run
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, KNN_LOG), "a") as f:
-            f.write(json.dumps({"checkpoint": args.finetune, **{f"{k}nn_top1": r[0] for k, r in results.items()},
+    results = knn_evaluate(model, train_loader, val_loader, device, ks, settings.knn.temperature,
+                           settings.precision.amp)
+    output_dir = settings.ckpt.output_dir
+    if output_dir and is_main_process():  # its own file: --output_dir may hold a training run
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, KNN_LOG), "a") as f:
+            f.write(json.dumps({"checkpoint": m.finetune, **{f"{k}nn_top1": r[0] for k, r in results.items()},
                                 **{f"{k}nn_top5": r[1] for k, r in results.items()}}) + "\n")
     return results
 

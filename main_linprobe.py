@@ -14,12 +14,11 @@ import models_vit
 import util.cli as cli
 import util.runner as runner
 from util.checkpoint import load_pretrained
-from util.classification import classification_data, run_classification
-from util.dali import linprobe_aug
+from util.classification import classification_data, evaluate_once, train_and_evaluate
 from util.lars import LARS
 from util.logger import log
 from util.precision import make_loss_scaler
-from util.transforms import LINPROBE_SCALE, crop_scale, linprobe_transform
+from util.recipes import linprobe_recipe
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,23 +35,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     """Train (or with --eval, evaluate) a linear classifier on frozen encoder features."""
-    device = runner.setup(args, "main_linprobe")
+    settings = runner.setup(args, "main_linprobe")
+    device, m, data = settings.device, settings.model, settings.data
 
-    model = runner.build_model(models_vit.create_model, args.model, num_classes=args.nb_classes,
-                               global_pool=args.global_pool, img_size=args.input_size, attn=args.attn,
-                               patch_embed=args.patch_embed)
-    runner.check_input_size(args.input_size, model)
-    scale = crop_scale(args, LINPROBE_SCALE)
-    dali_augs = (linprobe_aug(True, args.input_size, args.hflip, scale),
-                 linprobe_aug(False, args.input_size)) \
-        if args.data_loader == "dali" else None
-    _, _, data_loader_train, data_loader_val = classification_data(
-        # uint8 out of the loaders, normalised on the device (engine_finetune): same numbers, faster loading
-        args, linprobe_transform(True, args.input_size, normalize=False, hflip=args.hflip, scale=scale),
-        linprobe_transform(False, args.input_size, normalize=False), device, dali_augs)
+    model = runner.build_model(models_vit.create_model, m.model, num_classes=m.nb_classes,
+                               global_pool=m.global_pool, img_size=data.input_size, attn=settings.precision.attn,
+                               patch_embed=settings.precision.patch_embed)
+    runner.check_input_size(data.input_size, model)
+    data_loader_train, data_loader_val = classification_data(
+        settings, linprobe_recipe(True, data.input_size, data.hflip, settings.crop_scale),
+        linprobe_recipe(False, data.input_size))
 
-    if args.finetune and not args.eval:
-        load_pretrained(model, args.finetune, args.global_pool)
+    if m.finetune and not settings.ckpt.eval:
+        load_pretrained(model, m.finetune, m.global_pool)
         # manually initialize fc layer: following MoCo v3
         trunc_normal_(model.head.weight, std=0.01)
 
@@ -64,21 +59,24 @@ def main(args: argparse.Namespace) -> dict:
         p.requires_grad = False
     for _, p in model.head.named_parameters():
         p.requires_grad = True
-    if args.eval:
-        runner.eval_weights(args, model)
+    if settings.ckpt.eval:
+        runner.eval_weights(settings, model)
 
-    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile)
+    model, model_without_ddp = runner.prepare_model(model, device, settings.dist.distributed,
+                                                    settings.precision.compile)
+    if settings.ckpt.eval:
+        return evaluate_once(settings, model, model_without_ddp, data_loader_val)
 
-    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = LARS(model_without_ddp.head.parameters(), lr=settings.optim.lr,
+                     weight_decay=settings.optim.weight_decay)
     log(optimizer)
-    loss_scaler = make_loss_scaler(args.amp, device)
+    loss_scaler = make_loss_scaler(settings.precision.amp, device)
     criterion = torch.nn.CrossEntropyLoss()
     log("criterion = %s" % str(criterion))
 
-    return run_classification(
-        args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
-        criterion=criterion, device=device, data_loader_train=data_loader_train,
-        data_loader_val=data_loader_val, mixup_fn=None, max_norm=None)
+    return train_and_evaluate(
+        settings, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
+        criterion=criterion, data_loader_train=data_loader_train, data_loader_val=data_loader_val)
 
 
 if __name__ == "__main__":

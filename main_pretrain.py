@@ -6,24 +6,27 @@ References:
 """
 import argparse
 import sys
+from typing import Any, Dict, Tuple
 
 import torch
 from timm.optim import param_groups_weight_decay
 
 import models_mae
 import util.cli as cli
+import util.loaders as loaders
 import util.perf as perf
 import util.runner as runner
 from engine_pretrain import train_one_epoch
-from util.dali import pretrain_aug
-from util.datasets import build_dataset
+from util.config import ModelSettings, Settings, settings_from_flags
+from util.datasets import image_folder
 from util.errors import UserError
+from util.flag_checks import check_pretrain_flags
 from util.knn import encoder_features, knn_evaluate, knn_loaders
 from util.logger import log
-from util.precision import make_loss_scaler
-from util.resume import restore
 from util.masking import MASK_TYPES, check_mask_type
-from util.transforms import PRETRAIN_AUGS, PRETRAIN_SCALE, crop_scale, eval_transform, pretrain_transform
+from util.precision import make_loss_scaler
+from util.recipes import PRETRAIN_AUGS, pretrain_recipe
+from util.transforms import eval_transform
 from util.visualize import draw_reconstructions, reconstruct
 
 
@@ -77,40 +80,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Pre-training flag values that cannot work."""
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.save_freq < 1:
-        raise UserError(f"--save_freq must be at least 1, got {args.save_freq}")
-    if args.knn_freq < 0 or args.knn_max_train < 1:
-        raise UserError(f"--knn_freq must be 0 (off) or more and --knn_max_train at least 1, got "
-                        f"{args.knn_freq} and {args.knn_max_train}")
-    if args.vis_freq < 0:
-        raise UserError(f"--vis_freq must be 0 (off) or more, got {args.vis_freq}")
-    if args.fsdp and args.knn_freq:
-        raise UserError("--knn_freq is not supported with --fsdp (the encoder is sharded); drop --knn_freq and run "
-                        "main_knn.py on a checkpoint instead")
-    for flag in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.decoder_embed_dim and args.decoder_num_heads and args.decoder_embed_dim % args.decoder_num_heads:
-        raise UserError(f"--decoder_embed_dim {args.decoder_embed_dim} is not divisible by --decoder_num_heads "
-                        f"{args.decoder_num_heads}")
-
-
-def resolve_decoder(args: argparse.Namespace) -> None:
+def decoder_sizes(m: ModelSettings) -> Dict[str, int]:
     """--decoder_embed_dim / --decoder_depth / --decoder_num_heads left to the model's defaults, read from the
     model built on the meta device (no memory, no random draws): args.json records what runs."""
-    if all(getattr(args, k) is not None for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")):
-        return
+    given = dict(decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+                 decoder_num_heads=m.decoder_num_heads)
+    if all(v is not None for v in given.values()):
+        return given
     with torch.device("meta"):
-        probe = runner.build_model(models_mae.create_model, args.model)
+        probe = runner.build_model(models_mae.create_model, m.model)
     defaults = dict(decoder_embed_dim=probe.decoder_embed.out_features, decoder_depth=len(probe.decoder_blocks),
                     decoder_num_heads=probe.decoder_blocks[0].attn.num_heads)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
 def fixed_images(dataset, input_size: int, n: int = 8) -> torch.Tensor:
@@ -128,81 +109,77 @@ def log_reconstructions(log_writer, model: torch.nn.Module, images: torch.Tensor
     log_writer.add_image("reconstruction", figure.pixels, epoch, dataformats="HWC")
 
 
+def knn_monitor(model: torch.nn.Module, knn: Tuple[Any, Any], settings: Settings, log_writer, epoch: int) -> dict:
+    """k-NN top-1 / top-5 of the encoder's class token (k 20) on the --knn_data_path loaders."""
+    model.eval()
+    (top1, top5), = knn_evaluate(encoder_features(model, global_pool=False), *knn, settings.device, [20],
+                                 amp=settings.precision.amp).values()
+    model.train()
+    if log_writer is not None:
+        log_writer.add_scalar("knn_acc1", top1, epoch)
+        log_writer.add_scalar("knn_acc5", top5, epoch)
+    return {"knn_acc1": top1, "knn_acc5": top5}
+
+
 def main(args: argparse.Namespace) -> None:
     """Pre-train an MAE on the ImageFolder at args.data_path/train."""
-    check_args(args)
-    resolve_decoder(args)
-    device = runner.setup(args, "main_pretrain")
+    given = settings_from_flags(vars(args))
+    check_pretrain_flags(given)
+    settings = runner.setup(args, "main_pretrain", resolved=decoder_sizes(given.model))
+    device, m, data, optim, ckpt = settings.device, settings.model, settings.data, settings.optim, settings.ckpt
 
     # define the model first: a wrong name or size fails before any data is read
-    decoder = {k: getattr(args, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-               if getattr(args, k) is not None}
-    model = runner.build_model(models_mae.create_model, args.model, norm_pix_loss=args.norm_pix_loss,
-                               img_size=args.input_size, attn=args.attn, patch_embed=args.patch_embed,
-                               mask_type=args.mask_type, encoder_mask_token=args.encoder_mask_token,
-                               loss_on_visible=args.loss_on_visible, **decoder)
-    runner.check_input_size(args.input_size, model)
+    model = runner.build_model(models_mae.create_model, m.model, norm_pix_loss=m.norm_pix_loss,
+                               img_size=data.input_size, attn=settings.precision.attn,
+                               patch_embed=settings.precision.patch_embed, mask_type=m.mask_type,
+                               encoder_mask_token=m.encoder_mask_token, loss_on_visible=m.loss_on_visible,
+                               decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+                               decoder_num_heads=m.decoder_num_heads)
+    runner.check_input_size(data.input_size, model)
     try:
-        check_mask_type(args.mask_type, args.mask_ratio, model.patch_embed.grid_size)
+        check_mask_type(m.mask_type, m.mask_ratio, model.patch_embed.grid_size)
     except ValueError as e:
-        raise UserError(f"--mask_type {args.mask_type}: {e}") from None
+        raise UserError(f"--mask_type {m.mask_type}: {e}") from None
 
-    # uint8 out of the loader, normalised on the device (engine_pretrain): same numbers, faster loading
-    scale = crop_scale(args, PRETRAIN_SCALE)
-    dataset_train = build_dataset(True, args, transform=pretrain_transform(
-        args.input_size, normalize=False, aug=args.pretrain_aug, hflip=args.hflip, scale=scale))
+    dataset_train = image_folder(data.data_path, "train", data.strict_data)
     log(dataset_train)
-    dali_aug = pretrain_aug(args.input_size, args.pretrain_aug, args.hflip, scale) \
-        if args.data_loader == "dali" else None
-    data_loader_train = runner.train_loader(args, dataset_train, dali_aug, device)
+    recipe = pretrain_recipe(data.input_size, settings.augment.pretrain_aug, data.hflip, settings.crop_scale)
+    data_loader_train = loaders.train_loader(data.data_loader, dataset_train, recipe, data.batch_size,
+                                             data.num_workers, data.pin_mem, data.seed, device, optim.accum_iter)
 
-    model, model_without_ddp = runner.prepare_model(model, device, args.distributed, args.compile, fsdp=args.fsdp,
-                                                    amp=args.amp, grad_checkpointing=args.grad_checkpointing)
+    p = settings.precision
+    model, model_without_ddp = runner.prepare_model(model, device, settings.dist.distributed, p.compile,
+                                                    fsdp=settings.dist.fsdp, amp=p.amp,
+                                                    grad_checkpointing=p.grad_checkpointing)
 
     # following timm: set wd as 0 for bias and norm layers
-    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = perf.adamw(param_groups, args.lr, device, betas=(0.9, 0.95))
+    param_groups = param_groups_weight_decay(model_without_ddp, optim.weight_decay)
+    optimizer = perf.adamw(param_groups, optim.lr, device, betas=(0.9, 0.95))
     log(optimizer)
-    loss_scaler = make_loss_scaler(args.amp, device)
+    loss_scaler = make_loss_scaler(p.amp, device)
 
-    position = runner.position_in_epoch(restore(args, model_without_ddp, optimizer, loss_scaler), dataset_train, args)
-    runner.start_run(args)
-    log_writer = runner.tensorboard_writer(args.log_dir, args.start_epoch, position, len(data_loader_train),
-                                           enabled=runner.epochs_left(args) > 0)
-
-    if args.fsdp and args.vis_freq and log_writer is not None:
+    training = runner.Training(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    log_writer = training.log_writer
+    if settings.dist.fsdp and ckpt.vis_freq and log_writer is not None:
         log("Reconstructions are not drawn during --fsdp training (the model is sharded); "
             "demo/mae_visualize.py draws them from a checkpoint")
-    vis_images = fixed_images(dataset_train, args.input_size) \
-        if log_writer is not None and args.vis_freq and not args.fsdp else None
-    knn = knn_loaders(args.knn_data_path or args.data_path, args.input_size, args.batch_size, args.num_workers,
-                      args.pin_mem, args.knn_max_train, args.strict_data) if args.knn_freq else None
+    vis_images = fixed_images(dataset_train, data.input_size) \
+        if log_writer is not None and ckpt.vis_freq and not settings.dist.fsdp else None
+    k = settings.knn
+    knn = knn_loaders(k.knn_data_path or data.data_path, data.input_size, data.batch_size, data.num_workers,
+                      data.pin_mem, device, k.knn_max_train, data.strict_data) if k.knn_freq else None
 
-    def knn_monitor(epoch: int) -> dict:
-        if knn is None or (epoch % args.knn_freq and epoch + 1 != args.epochs):
-            return {}
-        model_without_ddp.eval()
-        (top1, top5), = knn_evaluate(encoder_features(model_without_ddp, global_pool=False), *knn, device, [20],
-                                     amp=args.amp).values()
-        model_without_ddp.train()
-        if log_writer is not None:
-            log_writer.add_scalar("knn_acc1", top1, epoch)
-            log_writer.add_scalar("knn_acc5", top5, epoch)
-        return {"knn_acc1": top1, "knn_acc5": top5}
-
-    def train_and_show(epoch: int, **resume) -> dict:
-        stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                log_writer=log_writer, args=args, **resume)
-        if vis_images is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, args.mask_ratio, device)
-        return stats
-
-    runner.train_loop(
-        args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
-        loss_scaler=loss_scaler, data_loader_train=data_loader_train, train_one_epoch=train_and_show,
-        log_writer=log_writer, numbered_every=args.save_freq, position=position, monitor=knn_monitor)
-    if log_writer is not None:
-        log_writer.close()
+    with training:
+        for epoch in training.epochs():
+            train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                          log_writer=log_writer, args=settings.args,
+                                          position=training.position(epoch), stop=training)
+            last = epoch + 1 == optim.epochs
+            if vis_images is not None and (epoch % ckpt.vis_freq == 0 or last):
+                log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, m.mask_ratio, device)
+            monitored = knn_monitor(model_without_ddp, knn, settings, log_writer, epoch) \
+                if knn is not None and (epoch % k.knn_freq == 0 or last) else {}
+            training.end_epoch(epoch, train_stats, monitored=monitored, numbered=epoch % ckpt.save_freq == 0)
 
 
 if __name__ == "__main__":

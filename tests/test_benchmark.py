@@ -8,6 +8,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark
+import util.bench as bench
 import models_mae
 import models_vit
 
@@ -25,14 +26,14 @@ def test_mae_flops_match_torch_flop_counter(mask_ratio):
                                             decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
                                             attn="math")
     x = torch.randn(2, 3, 32, 32)
-    assert 2 * benchmark.mae_flops(model, mask_ratio) == _counted_forward_flops(model, x, mask_ratio=mask_ratio)
+    assert 2 * bench.mae_flops(model, mask_ratio) == _counted_forward_flops(model, x, mask_ratio=mask_ratio)
 
 
 def test_vit_flops_match_torch_flop_counter():
     model = models_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4,
                                          num_classes=10, global_pool=True, attn="math")
     x = torch.randn(3, 3, 32, 32)
-    assert 3 * benchmark.vit_flops(model) == _counted_forward_flops(model, x)
+    assert 3 * bench.vit_flops(model) == _counted_forward_flops(model, x)
 
 
 def _run(argv, capsys):
@@ -72,17 +73,17 @@ def test_data_mode_errors_are_one_line(tmp_path, capsys):
 def test_cpu_peak_memory_sees_a_new_allocation():
     import mmap
 
-    benchmark.reset_cpu_peak_memory()
-    before = benchmark.cpu_peak_memory_gib()
+    bench.reset_cpu_peak_memory()
+    before = bench.cpu_peak_memory_gib()
     # fresh pages from the kernel (malloc might reuse memory an earlier test freed), all touched
     block = mmap.mmap(-1, 64 * 2 ** 20)
     block.write(b"\x01" * len(block))
-    assert benchmark.cpu_peak_memory_gib() >= before + 60 / 1024
+    assert bench.cpu_peak_memory_gib() >= before + 60 / 1024
     block.close()
 
 
 def test_generated_jpegs_are_imagenet_sized(tmp_path):
-    root = benchmark.make_jpeg_folder(str(tmp_path), 3, classes=2)
+    root = bench.make_jpeg_folder(str(tmp_path), 3, classes=2)
     files = sorted((tmp_path / "train").rglob("*.jpg"))
     assert len(files) == 3 and root == str(tmp_path)
     with Image.open(files[0]) as img:

@@ -14,16 +14,18 @@ from helpers import ROOT
 # bottom to top; a module may import modules of its own layer (without a cycle) or of layers below
 LAYERS = [
     ("base", ["util.errors", "util.logger", "util.compat", "util.registry", "util.pos_embed", "util.lr_sched",
-              "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.masking", "util.visualize"]),
+              "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.masking", "util.visualize",
+              "util.optional", "util.recipes", "util.config", "util.flag_checks", "util.rng"]),
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("sharding", ["util.sharding"]),
     ("checkpoint", ["util.formats", "util.checkpoint", "util.runs", "util.resume", "util.preemption"]),
-    ("data", ["util.transforms", "util.datasets", "util.dali"]),
+    ("data", ["util.transforms", "util.samplers", "util.datasets", "util.dali_graph", "util.dali", "util.loaders"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop", "util.knn"]),
     ("engines", ["engine_pretrain", "engine_finetune"]),
-    ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc", "util.export"]),
+    ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc", "util.export",
+                "util.bench"]),
     ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "main_knn", "benchmark", "export"]),
     ("launchers", ["util.submit", "submitit_pretrain", "submitit_finetune", "submitit_linprobe"]),
 ]
@@ -34,9 +36,12 @@ LAZY_OK = {
     ("util.export", "transformers"),  # optional dependency, needed only for --format hf
     # slow to import, needed only when a figure is drawn
     *(("util.visualize", m) for m in ("matplotlib.backends.backend_agg", "matplotlib.figure")),
-    # optional dependency (requirements-dali.txt), needed only for --data_loader dali
-    *(("util.dali", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
-                                 "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core", "nvidia.dali.plugin.pytorch")),
+    # optional dependency (requirements-dali.txt), needed only for --data_loader dali: the DALI loader is
+    # imported when one is built, NVIDIA DALI when a pipeline is
+    ("util.loaders", "util.dali"),
+    *(("util.dali_graph", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
+                                       "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core")),
+    ("util.dali", "nvidia.dali.plugin.pytorch"),
 }
 
 

@@ -13,7 +13,7 @@ import torch
 import engine_pretrain
 import main_pretrain
 import util.engine_loop as engine_loop
-import util.dali as dali
+import util.optional as optional
 import util.misc as misc
 from helpers import TINY_PRETRAIN, load, read_log, run_entry, run_torchrun
 from util.visualize import draw_reconstructions
@@ -250,7 +250,7 @@ def test_ablation_flags_train_and_the_checkpoint_fine_tunes(image_folder, tmp_pa
 
 @pytest.mark.e2e
 def test_missing_dali_is_one_line_naming_the_install(monkeypatch, cls_data):
-    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    monkeypatch.setattr(optional, "dali_available", lambda: False)
     # needs no DALI (so not in test_util_dali.py, which skips without it)
     proc = run_entry(main_pretrain, *TINY_PRETRAIN, "--data_loader", "dali", "--data_path", cls_data,
                      "--output_dir", "", check=False)

@@ -2,7 +2,6 @@
 crop statistics of torchvision's RandomResizedCrop, eval_transform's output, the torch loader's pixels
 (16-bit images, EXIF orientation), bad files, and tiny runs of the three entry points with
 --data_loader dali (the one-line error without DALI: test_main_pretrain.py)."""
-import argparse
 import os
 import struct
 import zlib
@@ -21,6 +20,7 @@ import util.dali as dali
 from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
 from util.datasets import ImageFolder, ResumableSampler, ShardSampler, load_image, train_loader
 from util.errors import DataError, UserError
+from util.recipes import Recipe, finetune_recipe
 from util.transforms import eval_transform
 
 # CI sets REQUIRE_DALI=1 and installs requirements-dali.txt: there a missing DALI fails instead of skipping
@@ -199,7 +199,7 @@ def test_random_erasing_rectangle_and_noise(tmp_path):
     # uniform grey images, no RandAugment, erasing always: the noise pixels form one rectangle of 2-33% of the
     # image with values N(0, 1) (the grey is a constant after normalisation)
     Image.new("RGB", (48, 48), (124, 116, 104)).save(tmp_path / "grey.png")
-    aug = dali.DaliAug(32, True, scale=(1.0, 1.0), ratio=(1.0, 1.0), reprob=1.0)
+    aug = Recipe("finetune", 32, True, scale=(1.0, 1.0), ratio=(1.0, 1.0), reprob=1.0)
     pipe = dali.PipelineFactory(aug, 64, 1, None).build([str(tmp_path / "grey.png")] * 64, [0] * 64, seed=0)
     images = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
     grey = images[:, :, 0, 0].median(0).values.view(1, 3, 1, 1)
@@ -218,10 +218,8 @@ def test_rand_augment_strings():
     for bad in ("v0", "rand-m9-mstd0.5", "rand-m9-mstd0.5-inc1-p0.3", "augmix-m5"):
         with pytest.raises(UserError, match="--data_loader torch"):
             dali.parse_rand_augment(bad)
-    args = argparse.Namespace(input_size=32, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25,
-                              remode="rand", recount=1)
     with pytest.raises(UserError, match="--remode rand"):
-        dali.finetune_aug(args)
+        dali.dali_plan(finetune_recipe(32, "rand-m9-mstd0.5-inc1", None, 0.25, "rand", 1))
     with pytest.raises(UserError, match="crop_rand_color"):
         dali.pretrain_aug(32, "crop_rand_color")
 
@@ -505,9 +503,8 @@ def test_hflip_and_crop_scale_reach_the_dali_pipeline(tmp_path):
     n, size = 100, 64
     aug = dali.pretrain_aug(size, "crop_rand", hflip=0.0, scale=(0.9, 1.0))
     assert aug.hflip == 0.0 and aug.scale == (0.9, 1.0)
-    args = argparse.Namespace(input_size=size, aa="", color_jitter=None, reprob=0.0, remode="pixel", recount=1,
-                              hflip=0.0, crop_scale=[0.5, 0.6])
-    assert dali.finetune_aug(args).scale == (0.5, 0.6) and dali.finetune_aug(args).hflip == 0.0
+    tuned = finetune_recipe(size, "", None, 0.0, "pixel", 1, hflip=0.0, scale=[0.5, 0.6])
+    assert tuned.scale == (0.5, 0.6) and tuned.hflip == 0.0 and dali.dali_plan(tuned) is None
     assert dali.linprobe_aug(True, size, hflip=0.25, scale=(0.3, 0.4)).scale == (0.3, 0.4)
     pipe = dali.PipelineFactory(aug, n, 2, None).build([str(tmp_path / "ramp.png")] * n, [0] * n, seed=1)
     images = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))

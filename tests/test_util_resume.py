@@ -134,7 +134,7 @@ def test_restore_sets_the_saved_random_state(tmp_path):
     resume.save_epoch(args, 0, model, model, opt, None, numbered=False)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    resume.restore(_args(tmp_path, resume=str(Path(args.output_dir) / "checkpoint-last.pth")), _tiny_net(1),
+    resume.restore(str(Path(args.output_dir) / "checkpoint-last.pth"), False, _tiny_net(1),
                    torch.optim.AdamW(_tiny_net(1).parameters()), None)
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
 

@@ -143,8 +143,7 @@ def _flipped(out: torch.Tensor) -> bool:
 @pytest.mark.parametrize("make", [
     lambda p, s: transforms.pretrain_transform(32, normalize=False, hflip=p, scale=s),
     lambda p, s: transforms.linprobe_transform(True, 32, normalize=False, hflip=p, scale=s),
-    lambda p, s: transforms.build_transform(True, argparse.Namespace(
-        input_size=32, color_jitter=None, aa="", reprob=0.0, remode="pixel", recount=1, hflip=p, crop_scale=s)),
+    lambda p, s: transforms.torch_transform(transforms.finetune_recipe(32, aa="", reprob=0.0, hflip=p, scale=s)),
 ], ids=["pretrain", "linprobe", "finetune"])
 def test_hflip_and_crop_scale_reach_every_training_transform(make):
     img = _asymmetric_image()
@@ -161,9 +160,9 @@ def test_hflip_and_crop_scale_reach_every_training_transform(make):
 
 
 def test_crop_scale_defaults_are_each_stages_own():
-    assert transforms.crop_scale(argparse.Namespace(crop_scale=None), transforms.PRETRAIN_SCALE) == (0.2, 1.0)
-    assert transforms.crop_scale(argparse.Namespace(), transforms.FINETUNE_SCALE) == (0.08, 1.0)
-    assert transforms.crop_scale(argparse.Namespace(crop_scale=[0.5, 0.9]), transforms.LINPROBE_SCALE) == (0.5, 0.9)
+    assert transforms.pretrain_recipe(32).scale == (0.2, 1.0)
+    assert transforms.finetune_recipe(32).scale == (0.08, 1.0)
+    assert transforms.linprobe_recipe(True, 32).scale == (0.08, 1.0)
     # the reference's pipelines are unchanged by default
     ref = transforms.build_transform(True, argparse.Namespace(
         input_size=32, color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1))

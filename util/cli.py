@@ -10,7 +10,7 @@ import sys
 import traceback
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from util.dali import LOADERS
+from util.loaders import LOADERS
 from util.distributed import destroy_process_group
 from util.errors import NonFiniteLossError, Preempted, UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS

@@ -1,27 +1,31 @@
-"""Datasets and their loaders: opening an image, ImageFolder that survives bad files, the training and validation
-loaders.
+"""Datasets and torch's loaders: opening an image, an ImageFolder that survives bad files (the one bad-file
+policy of both loaders), and the torch DataLoaders over the samplers of util/samplers.py.
 
 `build_dataset` and `build_transform` are the reference's names (the transforms themselves live in
 util/transforms.py).
 """
 import multiprocessing
 import os
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import PIL
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 
-from util.distributed import get_rank, get_world_size
 from util.errors import DataError, UserError
-from util.logger import log, warn
+from util.logger import warn
+from util.samplers import ResumableSampler, ShardSampler, check_one_batch, eval_sampler, train_sampler
 from util.transforms import build_transform
 
-__all__ = ["ImageFolder", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform", "check_one_batch",
-           "check_same_classes", "eval_loader", "load_image", "split_folder", "to_8bit", "train_loader"]
+__all__ = ["ImageFolder", "READ_ERRORS", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform",
+           "check_one_batch", "check_same_classes", "eval_loader", "image_folder", "load_image", "split_folder",
+           "to_8bit", "train_loader"]
+
+# what opening or decoding a damaged image raises, in PIL and in our checks: the files the bad-file policy skips
+READ_ERRORS = (OSError, ValueError, SyntaxError, PIL.UnidentifiedImageError, Image.DecompressionBombError)
 
 
 # ----------------------------------------------------------------------------
@@ -82,6 +86,18 @@ class ImageFolder(datasets.ImageFolder):
         """Number of distinct unreadable files found so far (all loader workers)."""
         return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
+    def unreadable(self, index: int, reason: str, every_rank: bool = True) -> None:
+        """The bad-file policy, for either loader: with `strict` a DataError naming the file; otherwise the file is
+        flagged (counted by `skipped`, replaced by the next readable one) and named in a warning the first time
+        (by the rank that met it, or only by rank 0 when every rank meets every bad file: `every_rank` False)."""
+        path = self.samples[index][0]
+        if self.strict:
+            raise DataError(f"cannot read image {path}: {reason}; remove or replace the file, "
+                            f"or drop --strict_data to skip bad files")
+        if not self._bad[index]:
+            self._bad[index] = 1
+            warn(f"skipping unreadable image {path}: {reason}", force=every_rank)
+
     def load(self, index: int) -> Any:
         """(PIL image, target) of sample `index`, or of the next readable one (see the class docstring)."""
         for attempt in range(len(self.samples)):
@@ -89,13 +105,8 @@ class ImageFolder(datasets.ImageFolder):
             path, target = self.samples[i]
             try:
                 return self.loader(path), target
-            except (OSError, ValueError, PIL.UnidentifiedImageError, Image.DecompressionBombError) as e:
-                if self.strict:
-                    raise DataError(f"cannot read image {path}: {e}; remove or replace the file, "
-                                    f"or drop --strict_data to skip bad files") from None
-                if not self._bad[i]:
-                    self._bad[i] = 1
-                    warn(f"skipping unreadable image {path}: {e}", force=True)
+            except READ_ERRORS as e:
+                self.unreadable(i, str(e) or type(e).__name__)
         raise DataError(f"no readable image in {self.root}")
 
     def __getitem__(self, index: int) -> Any:
@@ -129,61 +140,20 @@ def split_folder(data_path: str, split: str) -> str:
     return root
 
 
+def image_folder(data_path: str, split: str, strict: bool = False, transform: Optional[Callable] = None
+                 ) -> ImageFolder:
+    """ImageFolder(data_path/split); the loader renders its transform from the stage's recipe (util/loaders.py)."""
+    return ImageFolder(split_folder(data_path, split), transform=transform, strict=strict)
+
+
 def build_dataset(is_train: bool, args: Any, transform: Optional[Callable] = None) -> ImageFolder:
-    """ImageFolder(data_path/'train' or 'val') with build_transform (or the given transform)."""
+    """The reference's: ImageFolder(args.data_path/'train' or 'val') with build_transform (or the given transform)."""
     root = split_folder(args.data_path, "train" if is_train else "val")
-    if transform is None:
-        transform = build_transform(is_train, args)
-    dataset = ImageFolder(root, transform=transform, strict=getattr(args, "strict_data", False))
-    return dataset
+    return ImageFolder(root, transform=transform if transform is not None else build_transform(is_train, args))
 
 
 # ----------------------------------------------------------------------------
-# loaders
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (same per-epoch order) whose current epoch can continue from a saved position.
-
-    `order()` is this rank's order for the current epoch; `resume_from(order, start)` makes the rest of
-    the epoch yield order[start:]. `set_epoch` starts a new epoch from its beginning.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self._saved: Optional[List[int]] = None  # the current epoch's saved order, when resumed
-        self._start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self._saved, self._start = None, 0
-
-    def order(self) -> List[int]:
-        """This rank's sample order for the current epoch (all of it, also when resumed)."""
-        return list(self._saved) if self._saved is not None else list(super().__iter__())
-
-    def resume_from(self, order: Sequence[int], start: int) -> None:
-        """Continue the current epoch at position `start` of this rank's saved `order`."""
-        self._saved, self._start = [int(i) for i in order], start
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._saved[self._start:]) if self._saved is not None else super().__iter__()
-
-    def __len__(self) -> int:
-        return len(self._saved) - self._start if self._saved is not None else self.num_samples
-
-
-class ShardSampler(Sampler):
-    """Every index exactly once across ranks (rank r takes r, r+W, ...): no padding duplicates."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
-        self.n, self.num_replicas, self.rank = len(dataset), num_replicas, rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.num_replicas))
-
+# torch's loaders
 
 def _loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_mem: bool,
             drop_last: bool, keep_workers: bool = True) -> DataLoader:
@@ -194,20 +164,10 @@ def _loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: in
                       generator=None if keep_workers else torch.Generator().manual_seed(0))
 
 
-def check_one_batch(n_images: int, batch_size: int, world: int) -> None:
-    """A training set must fill at least one batch on every process (batches drop their remainder)."""
-    if n_images < batch_size * world:
-        raise UserError(f"the training set has {n_images} images, fewer than one batch "
-                        f"({batch_size} x {world} processes); lower --batch_size")
-
-
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bool, seed: int) -> DataLoader:
     """Shuffled (reshuffled per epoch by `set_epoch`), per-rank sharded, drop_last training loader."""
-    world = get_world_size()
-    check_one_batch(len(dataset), batch_size, world)
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=get_rank(), seed=seed)
-    log("Sampler_train = %s" % str(sampler))
-    return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=True)
+    return _loader(dataset, train_sampler(dataset, batch_size, seed), batch_size, num_workers, pin_mem,
+                   drop_last=True)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bool,
@@ -216,14 +176,5 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_mem: bo
 
     keep_workers=False: workers end with each pass and the loader draws from its own generator (for
     evaluations inside a training run, such as the k-NN monitor)."""
-    world = get_world_size()
-    if dist_eval and world > 1:
-        if len(dataset) % world != 0:
-            warn(f"the evaluation set ({len(dataset)} images) does not divide evenly over {world} processes; "
-                 f"shards differ in size, every image is still counted exactly once")
-        sampler: Sampler = ShardSampler(dataset, world, get_rank())
-    else:
-        if world > 1:
-            log("Evaluating on every process without --dist_eval: each one sees the full validation set")
-        sampler = SequentialSampler(dataset)
-    return _loader(dataset, sampler, batch_size, num_workers, pin_mem, drop_last=False, keep_workers=keep_workers)
+    return _loader(dataset, eval_sampler(dataset, dist_eval), batch_size, num_workers, pin_mem, drop_last=False,
+                   keep_workers=keep_workers)

@@ -5,7 +5,7 @@ References:
 """
 import datetime
 import os
-from typing import Any, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -47,44 +47,45 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_distributed_mode(args: Any) -> None:
+def join_process_group(device_type: str, dist_url: str = "env://", dist_on_itp: bool = False,
+                       timeout_minutes: float = 30, gpu: Optional[int] = None) -> Dict[str, Any]:
     """Join the process group described by torchrun, SLURM or OpenMPI variables, if any.
 
-    Sets args.rank, args.world_size, args.gpu, args.distributed (and args.dist_backend).
+    Returns rank, world_size, gpu and distributed (plus dist_backend and dist_url when it joined one);
+    outside a launcher rank 0 of 1, `gpu` unchanged.
     """
     env = os.environ
-    if getattr(args, "dist_on_itp", False):
-        args.rank = int(env["OMPI_COMM_WORLD_RANK"])
-        args.world_size = int(env["OMPI_COMM_WORLD_SIZE"])
-        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
-        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-        env["LOCAL_RANK"], env["RANK"], env["WORLD_SIZE"] = str(args.gpu), str(args.rank), str(args.world_size)
+    if dist_on_itp:
+        rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        env["LOCAL_RANK"], env["RANK"], env["WORLD_SIZE"] = str(gpu), str(rank), str(world_size)
     elif "RANK" in env and "WORLD_SIZE" in env:
-        args.rank = int(env["RANK"])
-        args.world_size = int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
+        rank, world_size, gpu = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank = int(env["SLURM_PROCID"])
-        args.world_size = int(env["SLURM_NTASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        rank, world_size, gpu = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     else:
         log("Not using distributed mode")
-        args.distributed = False
-        args.rank, args.world_size = 0, 1
-        args.gpu = getattr(args, "gpu", None)
-        return
+        return {"distributed": False, "rank": 0, "world_size": 1, "gpu": gpu}
 
-    args.distributed = True
-    device_type = torch.device(getattr(args, "device", None) or "cpu").type
     if device_type == "cuda":
-        torch.cuda.set_device(args.gpu)
-    args.dist_backend = backend_for(device_type)
-    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 30)))
-    log(f"| distributed init (rank {args.rank}): {args.dist_url}, gpu {args.gpu}, "
-        f"backend {args.dist_backend}", force=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout)
+        torch.cuda.set_device(gpu)
+    backend = backend_for(device_type)
+    log(f"| distributed init (rank {rank}): {dist_url}, gpu {gpu}, backend {backend}", force=True)
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank,
+                            timeout=datetime.timedelta(minutes=float(timeout_minutes)))
     dist.barrier()
+    return {"distributed": True, "rank": rank, "world_size": world_size, "gpu": gpu, "dist_backend": backend,
+            "dist_url": dist_url}
+
+
+def init_distributed_mode(args: Any) -> None:
+    """The reference's: join_process_group from args.device, dist_url, dist_on_itp (and our dist_timeout) and
+    set args.rank, args.world_size, args.gpu, args.distributed (and args.dist_backend)."""
+    flags = vars(args)
+    vars(args).update(join_process_group(torch.device(flags.get("device") or "cpu").type, args.dist_url,
+                                         flags.get("dist_on_itp", False), flags.get("dist_timeout", 30),
+                                         flags.get("gpu")))
 
 
 def init_single_process_group(device_type: str) -> None:

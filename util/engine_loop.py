@@ -1,13 +1,23 @@
-"""The training-epoch loop both engines share, and its parts.
+"""What an epoch of either engine does around its forward pass: `TrainEpoch`.
 
-Accumulation boundaries, no gradient reduction on micro-steps (DDP no_sync, FSDP
-set_requires_gradient_sync), deferred NaN checks and buffered TensorBoard
-scalars: nothing waits for the device between console prints. The NaN check, the meters and TensorBoard
-see each step's loss widened to fp64 on the device (util.metrics.widen), whatever its dtype. An epoch can
-continue from a saved position, and a hook at every optimizer-step boundary may save one and stop
-(util/runner.py).
+engine_pretrain.train_one_epoch and engine_finetune.train_one_epoch hold their step (batch to the device,
+forward under autocast, the model's or the criterion's loss) and call down into a TrainEpoch for the rest:
+
+- `batches(loader)`: (step, batch) pairs, continuing a stopped epoch from its saved position (step numbers,
+  meters and random state carry on as if never interrupted), with the console progress line;
+- `micro_step(step)`: the lr schedule at the start of each accumulation, and no gradient reduction on the
+  micro-steps inside it (DDP no_sync, FSDP set_requires_gradient_sync);
+- `backward(loss)`: the loss scaler's backward (loss / accum_iter), clipping and the optimizer step at the
+  accumulation boundary (a plain backward and step without fp16), then the meters, the deferred NaN check
+  and buffered TensorBoard scalars (nothing waits for the device between console prints), and at each
+  optimizer-step boundary `stop.step_done` (util/runner.py: saves the position and stops on a signal);
+- `finish()`: the epoch's averages over all processes.
+
+The NaN check, the meters and TensorBoard see each step's loss widened to fp64 on the device
+(util.metrics.widen), whatever its dtype.
 """
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -17,12 +27,17 @@ from util.errors import NonFiniteLossError
 from util.logger import log
 from util.metrics import MetricLogger, SmoothedValue, widen
 from util.precision import autocast
-from util.resume import EpochPosition, set_rng_state
+from util.resume import EpochPosition
+from util.rng import set_rng_state
 from util.sharding import gradient_sync
 
-# called at each optimizer-step boundary with (batches done this epoch, the epoch's meters, a function
-# that raises if a loss since the last check was not finite)
-AfterStep = Callable[[int, MetricLogger, Callable[[], None]], None]
+
+class StepBoundary:
+    """What a TrainEpoch tells at every optimizer-step boundary (util.runner.Training implements it)."""
+
+    def step_done(self, epoch: int, step: int, meters: MetricLogger, check_losses: Callable[[], None]) -> None:
+        """`step` batches of `epoch` are done; `check_losses` raises if a loss since the last check was not
+        finite."""
 
 
 class LossWatch:
@@ -68,92 +83,127 @@ class ScalarBuffer:
         self.rows.clear()
 
 
+class _Started:
+    """A loader's iterator, started, that still knows how many batches it has left (for the progress line)."""
+
+    def __init__(self, iterator: Iterator, length: int):
+        self.iterator, self.length = iterator, length
+
+    def __iter__(self) -> Iterator:
+        return self.iterator
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class TrainEpoch:
+    """One epoch of optimisation around an engine's forward pass (see the module docstring).
+
+    Args:
+        args: accum_iter, amp, print_freq and the lr schedule fields (lr, min_lr, warmup_epochs, epochs).
+        loss_tag: TensorBoard tag of the loss ('train_loss' for pre-training, 'loss' for fine-tuning).
+        clip_grad: max gradient norm, or None (or 0) for no clipping.
+        position: continue this epoch after position.step batches (the loader yields only the rest).
+        stop: told at every optimizer-step boundary (StepBoundary), or None.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_scaler: Any, epoch: int,
+                 args: Any, log_writer: Optional[Any] = None, loss_tag: str = "loss",
+                 clip_grad: Optional[float] = None, position: Optional[EpochPosition] = None,
+                 stop: Optional[StepBoundary] = None):
+        self.model, self.optimizer, self.loss_scaler, self.epoch, self.args = model, optimizer, loss_scaler, epoch, args
+        self.accum_iter, self.loss_tag, self.position, self.stop = args.accum_iter, loss_tag, position, stop
+        self.clip_grad = clip_grad or None
+        self.clip_params = [p for p in model.parameters() if p.requires_grad] if clip_grad else None
+        self.meters = MetricLogger(delimiter="  ")
+        self.meters.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        self.watch = LossWatch(epoch)
+        self.scalars = ScalarBuffer(log_writer)
+        self.num_steps = 0
+        self.step = 0
+        model.train(True)
+        optimizer.zero_grad()
+        if log_writer is not None:
+            log("log_dir: {}".format(log_writer.log_dir))
+
+    def batches(self, data_loader: Iterable) -> Iterator[Tuple[int, Any]]:
+        """(step, batch) over the epoch, or over the rest of a stopped one."""
+        start = 0
+        batches: Iterable = data_loader
+        if self.position is not None:
+            start = self.position.step
+            self.meters.load_totals(self.position.meters)
+            batches = _Started(iter(data_loader), len(data_loader))
+            set_rng_state(self.position.rng)  # iter() drew the loader's seed: back to the state at the saved step
+        self.num_steps = start + len(data_loader)
+        header = "Epoch: [{}]".format(self.epoch)
+        return enumerate(self.meters.log_every(batches, self.args.print_freq, header, start=start), start=start)
+
+    @contextmanager
+    def micro_step(self, step: int) -> Iterator[None]:
+        """One batch's forward and backward: the lr set at the start of an accumulation, and gradients reduced
+        over the processes only on the accumulation's last micro-step."""
+        self.step = step
+        if step % self.accum_iter == 0:  # a per-iteration (instead of per-epoch) lr schedule
+            lr_sched.adjust_learning_rate(self.optimizer, step / self.num_steps + self.epoch, self.args)
+        # The epoch's last micro-step reduces even without an update: FSDP2 keeps no-sync gradients outside
+        # param.grad, where zero_grad() would miss them; reduced, they land in param.grad and the next
+        # epoch's zero_grad() discards them, as DDP's leftovers always were.
+        with gradient_sync(self.model, self._updates() or step + 1 == self.num_steps):
+            yield
+
+    def _updates(self) -> bool:
+        return (self.step + 1) % self.accum_iter == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward (and at the accumulation boundary clip and step), then record the step's loss and lr."""
+        step, update_grad = self.step, self._updates()
+        self.loss_scaler(loss / self.accum_iter, self.optimizer, clip_grad=self.clip_grad,
+                         parameters=self.clip_params, update_grad=update_grad)
+        if update_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        loss_value = widen(loss)  # fp64, still on the device: what the NaN check, meters and TensorBoard see
+        self.watch.add(step, loss_value, lr)
+        self.meters.update(loss=loss_value)
+        self.meters.update(lr=lr)
+        if update_grad:
+            loss_value_reduce = all_reduce_mean(loss_value)  # still a tensor: no host sync
+            # x-axis in 1000ths of an epoch, to compare runs with different batch sizes
+            epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)
+            self.scalars.add(self.loss_tag, loss_value_reduce, epoch_1000x)
+            self.scalars.add("lr", lr, epoch_1000x)
+        if step % self.args.print_freq == 0 or step == self.num_steps - 1:
+            self.watch.check()  # the only read-back of the loss between prints
+            self.scalars.flush()
+        if update_grad and self.stop is not None:
+            self.stop.step_done(self.epoch, step + 1, self.meters, self.watch.check)
+
+    def finish(self) -> Dict[str, float]:
+        """The global averages of the logged meters ('loss', 'lr') over all processes."""
+        self.watch.check()
+        self.scalars.flush()
+        self.meters.synchronize_between_processes()
+        log("Averaged stats:", self.meters)
+        return {k: meter.global_avg for k, meter in self.meters.meters.items()}
+
+
 def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                 device: torch.device, epoch: int, loss_scaler: Any,
                 compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                 args: Any, log_writer: Optional[Any] = None, loss_tag: str = "loss",
                 clip_grad: Optional[float] = None, position: Optional[EpochPosition] = None,
-                after_step: Optional[AfterStep] = None) -> Dict[str, float]:
-    """One epoch of optimisation; returns the global averages of 'loss' and 'lr'.
-
-    Args:
-        compute_loss: (samples, targets) on the device -> scalar loss; runs under autocast, and should compute
-            the loss in fp32 from the model's outputs (cast them first: CPU autocast keeps log_softmax in bf16).
-        args: accum_iter and the lr schedule fields; optional amp and print_freq.
-        loss_tag: TensorBoard tag of the loss ('train_loss' for pre-training, 'loss' for fine-tuning).
-        clip_grad: max gradient norm, or None (or 0) for no clipping.
-        position: continue this epoch after position.step batches (the loader yields only the rest):
-            step numbers, lr schedule, meters and random state carry on as if never interrupted.
-        after_step: hook at every optimizer-step boundary (see AfterStep).
-    """
-    model.train(True)
-    metric_logger = MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    header = "Epoch: [{}]".format(epoch)
-    print_freq = getattr(args, "print_freq", 20)
-    accum_iter = args.accum_iter
-    amp = getattr(args, "amp", "none") or "none"
-    clip_params = [p for p in model.parameters() if p.requires_grad] if clip_grad else None
-    watch = LossWatch(epoch)
-    scalars = ScalarBuffer(log_writer)
-
-    optimizer.zero_grad()
-    if log_writer is not None:
-        log("log_dir: {}".format(log_writer.log_dir))
-
-    start = 0
-    if position is not None:
-        start = position.step
-        metric_logger.load_totals(position.meters)
-    num_steps = start + len(data_loader)
-    batches = data_loader
-    if position is not None:
-        batches = iter(data_loader)
-        set_rng_state(position.rng)  # iter() drew the loader's seed: back to the state at the saved step
-    for data_iter_step, (samples, targets) in enumerate(
-            metric_logger.log_every(batches, print_freq, header, start=start), start=start):
-        # a per-iteration (instead of per-epoch) lr schedule
-        if data_iter_step % accum_iter == 0:
-            lr_sched.adjust_learning_rate(optimizer, data_iter_step / num_steps + epoch, args)
-
+                stop: Optional[StepBoundary] = None) -> Dict[str, float]:
+    """A TrainEpoch around any loss: compute_loss(samples, targets) on the device, under autocast (for a
+    loss that is not one of the engines'; they write the same loop with their model's forward)."""
+    epoch_run = TrainEpoch(model, optimizer, loss_scaler, epoch, args, log_writer, loss_tag, clip_grad, position,
+                           stop)
+    for step, (samples, targets) in epoch_run.batches(data_loader):
         samples = samples.to(device, non_blocking=True)
-        if torch.is_tensor(targets):
-            targets = targets.to(device, non_blocking=True)
-        update_grad = (data_iter_step + 1) % accum_iter == 0
-        # The epoch's last micro-step reduces even without an update: FSDP2 keeps no-sync gradients outside
-        # param.grad, where zero_grad() would miss them; reduced, they land in param.grad and the next
-        # epoch's zero_grad() discards them, as DDP's leftovers always were.
-        sync = update_grad or data_iter_step + 1 == num_steps
-        with gradient_sync(model, sync):
-            with autocast(device, amp):
+        targets = targets.to(device, non_blocking=True) if torch.is_tensor(targets) else targets
+        with epoch_run.micro_step(step):
+            with autocast(device, args.amp):
                 loss = compute_loss(samples, targets)
-            loss_scaler(loss / accum_iter, optimizer, clip_grad=clip_grad or None, parameters=clip_params,
-                        update_grad=update_grad)
-        if update_grad:
-            optimizer.zero_grad(set_to_none=True)
-
-        lr = max(group["lr"] for group in optimizer.param_groups)
-        loss_value = widen(loss)  # fp64, still on the device: what the NaN check, meters and TensorBoard see
-        watch.add(data_iter_step, loss_value, lr)
-        metric_logger.update(loss=loss_value)
-        metric_logger.update(lr=lr)
-
-        if update_grad:
-            loss_value_reduce = all_reduce_mean(loss_value)  # still a tensor: no host sync
-            # x-axis in 1000ths of an epoch, to compare runs with different batch sizes
-            epoch_1000x = int((data_iter_step / num_steps + epoch) * 1000)
-            scalars.add(loss_tag, loss_value_reduce, epoch_1000x)
-            scalars.add("lr", lr, epoch_1000x)
-
-        if data_iter_step % print_freq == 0 or data_iter_step == num_steps - 1:
-            watch.check()  # the only read-back of the loss between prints
-            scalars.flush()
-        if update_grad and after_step is not None:
-            after_step(data_iter_step + 1, metric_logger, watch.check)
-
-    watch.check()
-    scalars.flush()
-    # gather the stats from all processes
-    metric_logger.synchronize_between_processes()
-    log("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+            epoch_run.backward(loss)
+    return epoch_run.finish()

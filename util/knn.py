@@ -5,7 +5,6 @@ References:
     DINO: https://arxiv.org/abs/2104.14294 (k-NN evaluation)
     Wu et al., instance discrimination: https://arxiv.org/abs/1805.01978
 """
-import argparse
 import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
@@ -13,14 +12,15 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
-from util.datasets import build_dataset, check_same_classes, eval_loader
+from util.datasets import check_same_classes, image_folder
 from util.distributed import all_reduce_sum_, get_world_size
 from util.errors import UserError
+from util.loaders import eval_loader
 from util.logger import log
 from util.precision import autocast
-from util.transforms import eval_transform, normalize_images
+from util.recipes import eval_recipe
 
 
 def _gather_rows(local: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], loader: Ite
     feats, labels, indices = [], [], []
     index_iter = iter(loader.sampler)
     for images, targets in loader:
-        images = normalize_images(images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True)  # normalised floats (util/loaders.py)
         with autocast(device, amp):
             out = encode(images)
         feats.append(F.normalize(out.float(), dim=1))
@@ -156,19 +156,17 @@ def knn_ks(values: List[int]) -> List[int]:
 
 
 def knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: int, pin_mem: bool,
-                max_train: int = 0, strict: bool = False) -> Tuple[DataLoader, DataLoader]:
-    """Sharded evaluation loaders of data_path/train (a fixed random subset of max_train images, if set) and
-    data_path/val, resized and center-cropped, uint8."""
+                device: torch.device, max_train: int = 0, strict: bool = False) -> Tuple[Any, Any]:
+    """Sharded evaluation loaders (util/loaders.py, torch) of data_path/train (a fixed random subset of max_train
+    images, if set) and data_path/val, resized and center-cropped as evaluation is."""
     if not os.path.isdir(os.path.join(data_path, "val")):
         raise UserError(f"k-NN evaluation needs {os.path.join(data_path, 'val')}: an ImageFolder with train/ and "
                         f"val/ (--data_path of main_knn.py, --knn_data_path of main_pretrain.py)")
-    where = argparse.Namespace(data_path=data_path, strict_data=strict)
-    transform = eval_transform(input_size, normalize=False)
-    train, val = (build_dataset(is_train, where, transform=transform) for is_train in (True, False))
+    train, val = (image_folder(data_path, split, strict) for split in ("train", "val"))
     check_same_classes(train, val)
     if max_train and len(train) > max_train:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values
         train = Subset(train, keep.tolist())
     # no workers kept between evaluations, and a private generator: training's random stream is untouched
-    return tuple(eval_loader(ds, batch_size, num_workers, pin_mem, dist_eval=True, keep_workers=False)
-                 for ds in (train, val))
+    return tuple(eval_loader("torch", ds, eval_recipe(input_size), batch_size, num_workers, pin_mem, dist_eval=True,
+                             device=device, keep_workers=False) for ds in (train, val))

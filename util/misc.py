@@ -16,7 +16,8 @@ from util.distributed import (all_reduce_mean, backend_for, dist_device, get_ran
 from util.logger import setup_for_distributed
 from util.metrics import MetricLogger, SmoothedValue
 from util.precision import NativeScalerWithGradNormCount, get_grad_norm_
-from util.resume import get_rng_state, load_model, save_model, set_rng_state
+from util.resume import load_model, save_model
+from util.rng import get_rng_state, set_rng_state
 
 __all__ = [
     "MetricLogger", "NativeScalerWithGradNormCount", "SmoothedValue", "all_reduce_mean", "backend_for",

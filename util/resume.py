@@ -1,6 +1,7 @@
 """A run's state across restarts: what is saved each epoch, where a rerun continues, and exactly how.
 
-- `save_model` / `load_model`: the reference's checkpoint entry points (re-exported by util.misc).
+- `save_model` / `load_model`: the reference's checkpoint entry points (re-exported by util.misc); they take the
+  run's flags (`args`: settings.args of a run, util/settings.py) and write the whole record into each file.
 - `resolve_resume`: --resume, or the run in --output_dir when it is this run (auto-resume, util/runs.py), and
   the epoch the run starts at.
 - `restore`: load that checkpoint into the model, optimizer and scaler, and every rank's random state.
@@ -12,12 +13,10 @@
 import hashlib
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from util.checkpoint import atomic_save, load_checkpoint, load_state_dict_strict, to_plain
@@ -26,38 +25,8 @@ from util.errors import CheckpointError
 from util.logger import log, warn
 from util.runs import (changed, check_explicit_resume, check_folder, check_log_dir, check_resumable,
                        read_folder)
+from util.rng import get_rng_state, set_rng_state
 from util.sharding import full_state_dicts, load_optimizer_state
-
-
-# ----------------------------------------------------------------------------
-# random state, for exact resumption
-
-def get_rng_state() -> Dict[str, Any]:
-    """Torch (CPU and CUDA), numpy and python RNG states in a weights_only-loadable form."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what get_rng_state returned."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 # ----------------------------------------------------------------------------
@@ -89,26 +58,36 @@ def save_model(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp:
     return path
 
 
-def load_model(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-               loss_scaler: Any) -> Optional[Dict[str, Any]]:
-    """Resume from args.resume: the model strictly; unless args.eval, optimizer, scaler, start_epoch.
+def load_training_state(resume: str, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                        loss_scaler: Any, eval_only: bool = False) -> Optional[Dict[str, Any]]:
+    """Load checkpoint `resume`: the model strictly; unless eval_only, the optimizer and the scaler.
 
-    Returns the loaded checkpoint dict (or None when args.resume is empty).
+    Returns the loaded checkpoint dict (or None when `resume` is empty).
     """
-    if not args.resume:
+    if not resume:
         return None
-    checkpoint = load_checkpoint(args.resume)
+    checkpoint = load_checkpoint(resume)
     if "model" not in checkpoint:
-        raise CheckpointError(f"{args.resume} has no 'model' entry; is it a training checkpoint?")
-    load_state_dict_strict(model_without_ddp, checkpoint["model"], args.resume)
-    log(f"Resume checkpoint {args.resume}")
-    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
+        raise CheckpointError(f"{resume} has no 'model' entry; is it a training checkpoint?")
+    load_state_dict_strict(model_without_ddp, checkpoint["model"], resume)
+    log(f"Resume checkpoint {resume}")
+    if "optimizer" in checkpoint and "epoch" in checkpoint and not eval_only:
         if optimizer is not None:
-            load_optimizer_state(model_without_ddp, optimizer, checkpoint["optimizer"], args.resume)
-        args.start_epoch = checkpoint["epoch"] + 1
+            load_optimizer_state(model_without_ddp, optimizer, checkpoint["optimizer"], resume)
         if "scaler" in checkpoint and loss_scaler is not None:
             loss_scaler.load_state_dict(checkpoint["scaler"])
         log("With optim & sched!")
+    return checkpoint
+
+
+def load_model(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+               loss_scaler: Any) -> Optional[Dict[str, Any]]:
+    """The reference's: resume from args.resume (load_training_state) and, unless args.eval, set
+    args.start_epoch to the checkpoint's epoch + 1. Returns the loaded checkpoint dict (or None)."""
+    eval_only = vars(args).get("eval", False)  # the reference's pre-training flags have no --eval
+    checkpoint = load_training_state(args.resume, model_without_ddp, optimizer, loss_scaler, eval_only)
+    if checkpoint is not None and "optimizer" in checkpoint and "epoch" in checkpoint and not eval_only:
+        args.start_epoch = checkpoint["epoch"] + 1
     return checkpoint
 
 
@@ -164,11 +143,12 @@ def resolve_resume(resume: str, output_dir: str, auto_resume: bool, eval_only: b
     return resume, start_epoch
 
 
-def restore(args: Any, model_without_ddp: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-            loss_scaler: Any) -> Optional[Dict[str, Any]]:
-    """load_model, then every rank's random state when the checkpoint has one per process."""
-    checkpoint = load_model(args, model_without_ddp, optimizer, loss_scaler)
-    if checkpoint is not None and "rng" in checkpoint and not getattr(args, "eval", False):
+def restore(resume: str, eval_only: bool, model_without_ddp: torch.nn.Module,
+            optimizer: Optional[torch.optim.Optimizer], loss_scaler: Any) -> Optional[Dict[str, Any]]:
+    """load_training_state, then every rank's random state when the checkpoint has one per process (the
+    start epoch was resolved with the settings, util/settings.py)."""
+    checkpoint = load_training_state(resume, model_without_ddp, optimizer, loss_scaler, eval_only)
+    if checkpoint is not None and "rng" in checkpoint and not eval_only:
         states = checkpoint["rng"]
         if len(states) == get_world_size():
             set_rng_state(states[get_rank()])

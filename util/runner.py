@@ -1,7 +1,16 @@
-"""What the three entry points share around their engines: setup, model preparation and the epoch loop.
+"""What the training entry points share around their loops: setup, model preparation, and `Training`.
 
-Each `main_*.py` keeps only what differs (data, model surgery, optimizer, criterion, engine); the
-classification side (fine-tuning and linear probing) continues in util/classification.py.
+Each `main_*.py` reads as the reference's: it resolves its settings (`setup`), builds the model, data,
+optimizer and loss scaler, then runs the epochs itself,
+
+    training = Training(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    with training:
+        for epoch in training.epochs():
+            train_stats = train_one_epoch(..., position=training.position(epoch), stop=training)
+            training.end_epoch(epoch, train_stats, ...)
+
+and `Training` does what the reference's loop did around the engine (resume, log.txt, checkpoints) plus
+ours: exact mid-epoch positions, stop signals and the rerun of a finished run.
 """
 import datetime
 import json
@@ -9,86 +18,78 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
-from torch.utils.data import DataLoader
 
 from util.checkpoint import load_pretrained, to_plain
-from util.dali import make_train_loader
-from util.distributed import get_rank, get_world_size, is_main_process
-from util.engine_loop import AfterStep
+from util.config import Settings
+from util.distributed import get_world_size, is_main_process
+from util.engine_loop import StepBoundary
 from util.errors import UserError
 from util.logger import log, warn
 from util.metrics import MetricLogger
 from util.preemption import StopGuard
-from util.resume import (EpochPosition, data_fingerprint, epoch_position, remove_stale_temp_files, save_epoch,
-                         save_position, truncate_log)
+from util.resume import (EpochPosition, data_fingerprint, epoch_position, remove_stale_temp_files, restore,
+                         save_epoch, save_position, truncate_log)
 from util.runs import remove_run
 from util.settings import resolve_settings
 from util.sharding import shard_model
 
 
-def setup(args: Any, entry: str) -> torch.device:
-    """Resolve the run settings of entry point `entry` (util/settings.py) and seed; return the device.
+def setup(args: Any, entry: str, resolved: Optional[Mapping[str, Any]] = None) -> Settings:
+    """The run settings of entry point `entry` (util/settings.py), logged; every rank seeded --seed + rank.
 
-    Nothing is written here: a training run writes its files in `start_run`, once everything it needs has
-    been checked and built.
+    Nothing is written here: a training run writes its files when `Training` starts, once everything it
+    needs has been checked and built.
     """
-    device = resolve_settings(args, entry)
+    settings = resolve_settings(args, entry, resolved)
     log(f"job dir: {os.path.dirname(os.path.dirname(os.path.realpath(__file__)))}")
-    log("{}".format(args).replace(", ", ",\n"))
+    log("{}".format(settings.args).replace("FrozenArgs(", "Namespace(").replace(", ", ",\n"))
 
     # fix the seed for reproducibility
-    seed = args.seed + get_rank()
+    seed = settings.data.seed + settings.dist.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
     cudnn.benchmark = True
-    return device
+    return settings
 
 
-def end_epoch(args: Any) -> int:
-    """The epoch this run stops before: --epochs, or --stop_epoch when that comes first."""
-    return args.epochs if getattr(args, "stop_epoch", None) is None else min(args.stop_epoch, args.epochs)
-
-
-def epochs_left(args: Any) -> int:
-    """Epochs this run trains (0 for the rerun of a finished run)."""
-    return max(end_epoch(args) - args.start_epoch, 0)
-
-
-def start_run(args: Any) -> None:
+def start_run(settings: Settings) -> None:
     """The first write of a training run, on rank 0, after the data, model and resume state are ready.
 
     With --overwrite the run files of --output_dir (and its TensorBoard events, when --log_dir is the same
-    folder) are deleted first; then log lines of the epochs about to be trained again are dropped, temporary files of a killed
-    run removed, and args.json written: every setting resolved, the `args` of each checkpoint this run writes.
+    folder) are deleted first; then log lines of the epochs about to be trained again are dropped, temporary
+    files of a killed run removed, and args.json written: every setting resolved, the `args` of each checkpoint
+    this run writes.
     """
-    if not args.output_dir or not is_main_process() or not epochs_left(args):
+    ckpt = settings.ckpt
+    if not ckpt.output_dir or not is_main_process() or not settings.optim.epochs_left:
         return  # a finished run's rerun changes nothing
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    if getattr(args, "overwrite", False):
-        removed = remove_run(args.output_dir, args.log_dir)
+    Path(ckpt.output_dir).mkdir(parents=True, exist_ok=True)
+    if ckpt.overwrite:
+        removed = remove_run(ckpt.output_dir, ckpt.log_dir)
         if removed:
-            log(f"--overwrite: deleted {len(removed)} file(s) of the earlier run in {args.output_dir}")
-    truncate_log(os.path.join(args.output_dir, "log.txt"), args.start_epoch)
-    remove_stale_temp_files(args.output_dir)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(to_plain(args), f, indent=2)
+            log(f"--overwrite: deleted {len(removed)} file(s) of the earlier run in {ckpt.output_dir}")
+    truncate_log(os.path.join(ckpt.output_dir, "log.txt"), settings.optim.start_epoch)
+    remove_stale_temp_files(ckpt.output_dir)
+    with open(os.path.join(ckpt.output_dir, "args.json"), "w") as f:
+        json.dump(to_plain(settings.args), f, indent=2)
 
 
-def eval_weights(args: Any, model: torch.nn.Module) -> None:
+def eval_weights(settings: Settings, model: torch.nn.Module) -> None:
     """--eval: the weights to evaluate. --resume is loaded strictly later (util.resume.restore); otherwise
     --finetune's classifier is loaded by the fine-tuning rules (any format, position table resized) and must
     bring its trained head: a pre-training checkpoint has none."""
-    if args.resume:
-        if args.finetune:
-            warn(f"--eval evaluates --resume {args.resume}; --finetune {args.finetune} is not used")
+    resume, finetune = settings.ckpt.resume, settings.model.finetune
+    if resume:
+        if finetune:
+            warn(f"--eval evaluates --resume {resume}; --finetune {finetune} is not used")
         return
-    load_pretrained(model, args.finetune, args.global_pool, with_head=True)
+    load_pretrained(model, finetune, settings.model.global_pool, with_head=True)
 
 
 def build_model(create: Callable[..., torch.nn.Module], name: str, **kwargs: Any) -> torch.nn.Module:
@@ -145,22 +146,11 @@ def wrap_model(model: torch.nn.Module, device: torch.device, distributed: bool, 
     return model
 
 
-def train_loader(args: Any, dataset: Any, dali_aug: Any, device: torch.device) -> Any:
-    """The training loader of --data_loader (util/dali.py make_train_loader); refuses an --accum_iter that no
-    epoch reaches, which would train nothing."""
-    loader = make_train_loader(args.data_loader, dataset, dali_aug, args.batch_size, args.num_workers, args.pin_mem,
-                               args.seed, device)
-    if len(loader) < args.accum_iter:
-        raise UserError(f"--accum_iter {args.accum_iter} is more than the {len(loader)} batch(es) of an epoch "
-                        f"({len(dataset)} images, --batch_size {args.batch_size} x {get_world_size()} process(es)): "
-                        f"no optimizer step would run; lower --accum_iter to at most {len(loader)} (or --batch_size)")
-    return loader
-
-
-def position_in_epoch(resumed: Optional[Dict[str, Any]], dataset: Any, args: Any) -> Optional[EpochPosition]:
+def position_in_epoch(resumed: Optional[Dict[str, Any]], dataset: Any, batch_size: int,
+                      accum_iter: int) -> Optional[EpochPosition]:
     """Where training continues inside its first epoch, from the checkpoint util.resume.restore returned
     (None to start that epoch from its beginning); the checkpoint itself can then be dropped."""
-    return epoch_position(resumed, data_fingerprint(dataset), args.batch_size, args.accum_iter)
+    return epoch_position(resumed, data_fingerprint(dataset), batch_size, accum_iter)
 
 
 def tensorboard_writer(log_dir: str, start_epoch: int, position: Optional[EpochPosition] = None,
@@ -179,83 +169,104 @@ def tensorboard_writer(log_dir: str, start_epoch: int, position: Optional[EpochP
     return SummaryWriter(log_dir=log_dir, purge_step=int(start * 1000) if start > 0 else None)
 
 
-def train_loop(args: Any, *, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, loss_scaler: Any, data_loader_train: DataLoader,
-               train_one_epoch: Callable[..., Dict[str, float]],
-               evaluate: Optional[Callable[[int], Dict[str, float]]] = None,
-               log_writer: Any = None, numbered_every: int = 1,
-               extra_log: Optional[Dict[str, Any]] = None, position: Optional[EpochPosition] = None,
-               monitor: Optional[Callable[[int], Dict[str, float]]] = None) -> None:
-    """Train from args.start_epoch to args.epochs (or --stop_epoch): train, evaluate, log, save, per epoch.
+class Training(StepBoundary):
+    """The epochs of a training run: resume, TensorBoard, log.txt, checkpoints, stop signals.
 
-    On SIGTERM / SIGUSR1 / SIGUSR2 every rank finishes the optimizer step it is in, checkpoint-last.pth
-    records the position inside the epoch, and Preempted is raised (after submitit's requeue handler,
-    where there is one); with --save_every_minutes the same position is saved every M minutes.
-
-    Args:
-        args: the resolved run settings; saved in every checkpoint, not changed.
-        train_one_epoch: (epoch, position=, after_step=) -> training stats (see util/engine_loop.py).
-        evaluate: epoch -> test stats, or None for no evaluation.
-        numbered_every: write checkpoint-{epoch}.pth every this many epochs and at the last one.
-        extra_log: constant entries for every log.txt line (e.g. n_parameters).
-        position: where to continue inside the first epoch (position_in_epoch), or None.
-        monitor: epoch -> numbers logged as they are named (e.g. knn_acc1), or None.
+    Built once the model, optimizer, scaler and training loader exist: it restores --resume (or the run being
+    continued) into them, finds where the first epoch continues, writes the run's first files (`start_run`)
+    and opens the TensorBoard writer. Use as a context manager around the epoch loop: on SIGTERM / SIGUSR1 /
+    SIGUSR2 every rank finishes the optimizer step it is in, checkpoint-last.pth records the position inside
+    the epoch, and Preempted is raised (after submitit's requeue handler, where there is one); with
+    --save_every_minutes the same position is saved every M minutes.
     """
-    log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
-    if not epochs_left(args):
-        until = f"--stop_epoch {args.stop_epoch}" if end_epoch(args) < args.epochs else f"{args.epochs} epochs"
-        log(f"Nothing to train: {args.start_epoch} epoch(s) done, this run stops after {until}.")
-        return
-    log(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    last_epoch = end_epoch(args)
-    sampler = data_loader_train.sampler
-    fingerprint: List[str] = []  # of the training set, hashed at the first mid-epoch save only
 
-    with StopGuard(getattr(args, "save_every_minutes", None), getattr(args, "dist_timeout", 30)) as guard:
-        def step_hook(epoch: int) -> AfterStep:
-            def after_step(step: int, metric_logger: MetricLogger, check_losses: Callable[[], None]) -> None:
-                signum, due = guard.poll()
-                if not (signum or due):
-                    return
-                check_losses()  # never save a position reached through a NaN
-                if not fingerprint:
-                    fingerprint.append(data_fingerprint(data_loader_train.dataset))
-                save_position(args, epoch, step, model, model_without_ddp, optimizer, loss_scaler, sampler.order(),
-                              metric_logger.totals(), fingerprint[0])
-                guard.saved()
-                if signum:
-                    guard.barrier()  # rank 0 has written the file before any rank exits
-                    guard.stop(signum, epoch, step, saved=bool(args.output_dir))
-            return after_step
+    def __init__(self, settings: Settings, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, loss_scaler: Any, data_loader_train: Any,
+                 extra_log: Optional[Dict[str, Any]] = None):
+        self.settings, self.model, self.model_without_ddp = settings, model, model_without_ddp
+        self.optimizer, self.loss_scaler, self.loader = optimizer, loss_scaler, data_loader_train
+        self.extra_log = extra_log or {}
+        self.optim, self.ckpt = settings.optim, settings.ckpt
+        resumed = restore(settings.ckpt.resume, False, model_without_ddp, optimizer, loss_scaler)
+        self.first_position = position_in_epoch(resumed, data_loader_train.dataset, settings.data.batch_size,
+                                                settings.optim.accum_iter)
+        del resumed  # the position is all the loop needs: do not hold the checkpoint's tensors
+        start_run(settings)
+        self.log_writer = tensorboard_writer(self.ckpt.log_dir, self.optim.start_epoch, self.first_position,
+                                             len(data_loader_train), enabled=self.optim.epochs_left > 0)
+        self.log_path = os.path.join(self.ckpt.output_dir, "log.txt") if self.ckpt.output_dir else None
+        self.guard = StopGuard(self.ckpt.save_every_minutes, settings.dist.dist_timeout)
+        self._fingerprint: List[str] = []  # of the training set, hashed at the first mid-epoch save only
 
-        for epoch in range(args.start_epoch, last_epoch):
+    def __enter__(self) -> "Training":
+        self.guard.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.guard.__exit__(*exc)
+        if self.log_writer is not None:
+            self.log_writer.close()
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs this run trains (from the resumed one to --epochs or --stop_epoch), each with the sampler's
+        order set (and, for a stopped epoch, continued where it stopped)."""
+        optim = self.optim
+        if not optim.epochs_left:
+            until = f"--stop_epoch {optim.stop_epoch}" if optim.end_epoch < optim.epochs else f"{optim.epochs} epochs"
+            log(f"Nothing to train: {optim.start_epoch} epoch(s) done, this run stops after {until}.")
+            return
+        log(f"Start training for {optim.epochs} epochs")
+        start_time = time.time()
+        sampler = self.loader.sampler
+        for epoch in range(optim.start_epoch, optim.end_epoch):
             sampler.set_epoch(epoch)
-            here = position if position is not None and position.epoch == epoch else None
+            here = self.position(epoch)
             if here is not None:
-                sampler.resume_from(here.order, here.step * data_loader_train.batch_size)
-            train_stats = train_one_epoch(epoch, position=here, after_step=step_hook(epoch))
-            test_stats = evaluate(epoch) if evaluate is not None else {}
-            monitored = monitor(epoch) if monitor is not None else {}
-            skipped = getattr(data_loader_train.dataset, "skipped", 0)
-            if skipped:
-                warn(f"epoch {epoch}: {skipped} unreadable training image(s) skipped so far (see the warnings "
-                     f"above; --strict_data stops at the first)")
+                sampler.resume_from(here.order, here.step * self.loader.batch_size)
+            yield epoch
+        log("Training time {}".format(str(datetime.timedelta(seconds=int(time.time() - start_time)))))
 
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                         **{f"test_{k}": v for k, v in test_stats.items()},
-                         **monitored, "epoch": epoch, **(extra_log or {})}
-            if log_path and is_main_process():
-                if log_writer is not None:
-                    log_writer.flush()
-                with open(log_path, mode="a", encoding="utf-8") as f:
-                    f.write(json.dumps(log_stats) + "\n")
-            numbered = epoch % numbered_every == 0 or epoch + 1 == args.epochs
-            save_epoch(args, epoch, model, model_without_ddp, optimizer, loss_scaler, numbered)
-            guard.saved()
-            signum, _ = guard.poll()  # a signal during evaluation or saving: stop at this epoch boundary
-            if signum and epoch + 1 < last_epoch:
-                guard.stop(signum, epoch + 1, 0, saved=bool(args.output_dir))
+    def position(self, epoch: int) -> Optional[EpochPosition]:
+        """Where `epoch` continues (a stopped epoch of the resumed checkpoint), or None to run it whole."""
+        here = self.first_position
+        return here if here is not None and here.epoch == epoch else None
 
-    total_time = time.time() - start_time
-    log("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))
+    def step_done(self, epoch: int, step: int, meters: MetricLogger, check_losses: Callable[[], None]) -> None:
+        """At an optimizer-step boundary: on a stop signal or when a --save_every_minutes save is due, save the
+        position inside the epoch (a collective), and on a signal stop."""
+        signum, due = self.guard.poll()
+        if not (signum or due):
+            return
+        check_losses()  # never save a position reached through a NaN
+        if not self._fingerprint:
+            self._fingerprint.append(data_fingerprint(self.loader.dataset))
+        save_position(self.settings.args, epoch, step, self.model, self.model_without_ddp, self.optimizer,
+                      self.loss_scaler, self.loader.sampler.order(), meters.totals(), self._fingerprint[0])
+        self.guard.saved()
+        if signum:
+            self.guard.barrier()  # rank 0 has written the file before any rank exits
+            self.guard.stop(signum, epoch, step, saved=bool(self.ckpt.output_dir))
+
+    def end_epoch(self, epoch: int, train_stats: Dict[str, float], test_stats: Optional[Dict[str, float]] = None,
+                  monitored: Optional[Dict[str, float]] = None, numbered: bool = True) -> None:
+        """After an epoch: a line in log.txt, checkpoint-last.pth (checkpoint-{epoch}.pth too when `numbered`, and
+        at the last epoch), and a stop here if a signal came during evaluation or saving."""
+        skipped = getattr(self.loader.dataset, "skipped", 0)
+        if skipped:
+            warn(f"epoch {epoch}: {skipped} unreadable training image(s) skipped so far (see the warnings "
+                 f"above; --strict_data stops at the first)")
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in (test_stats or {}).items()},
+                     **(monitored or {}), "epoch": epoch, **self.extra_log}
+        if self.log_path and is_main_process():
+            if self.log_writer is not None:
+                self.log_writer.flush()
+            with open(self.log_path, mode="a", encoding="utf-8") as f:
+                f.write(json.dumps(log_stats) + "\n")
+        last = epoch + 1 == self.optim.epochs
+        save_epoch(self.settings.args, epoch, self.model, self.model_without_ddp, self.optimizer, self.loss_scaler,
+                   numbered or last)
+        self.guard.saved()
+        signum, _ = self.guard.poll()  # a signal during evaluation or saving: stop at this epoch boundary
+        if signum and epoch + 1 < self.optim.end_epoch:
+            self.guard.stop(signum, epoch + 1, 0, saved=bool(self.ckpt.output_dir))

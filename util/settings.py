@@ -1,95 +1,37 @@
-"""Run settings, resolved once right after distributed init and recorded in args (and so in args.json).
+"""A run's settings: resolved once from the parsed flags into one frozen, typed object (util/config.py).
 
-Device, precision, torch.compile, the lr from --blr and the effective batch, the attention and
-patch-embedding paths, and where the run resumes. Nothing after `resolve_settings` changes args:
-helpers further up take these values explicitly.
+`resolve_settings(args, entry)` validates the flags (util/flag_checks.py), joins the process group and fills in
+every setting left to a default (device, precision, torch.compile, attention and patch-embedding kernels, the
+lr from --blr and the effective batch, where the run resumes and from which epoch), and returns the
+`Settings`. Nothing changes them afterwards: the groups are frozen dataclasses and `settings.args` refuses
+writes. benchmark.py and the launchers use the same functions (`resolve_precision`, `join`, the flag checks).
 """
+import argparse
 import os
-import warnings
-from typing import Any
+from dataclasses import replace
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 import util.perf as perf
 from util.checkpoint import to_plain
-from util.dali import require_dali
-from util.distributed import get_world_size, init_distributed_mode, init_single_process_group
+from util.config import Settings, settings_from_flags
+from util.distributed import init_single_process_group, join_process_group
 from util.errors import UserError
-from util.logger import log, warn
+from util.flag_checks import check_common_flags, check_fsdp_flags, note_num_workers
+from util.logger import log
 from util.precision import resolve_amp
+from util.recipes import STAGE_SCALE
 from util.resume import resolve_resume
-from util.transforms import FINETUNE_SCALE, LINPROBE_SCALE, PRETRAIN_SCALE
 
 
-def check_common_args(args: Any) -> None:
-    """Reject flag values that cannot work, with a message naming the flag."""
-    for flag in ("batch_size", "accum_iter", "epochs", "print_freq"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if getattr(args, "input_size", 1) < 1:
-        raise UserError(f"--input_size must be at least 1 pixel, got {args.input_size}")
-    if not 0 <= getattr(args, "drop_path", 0.0) < 1:
-        raise UserError(f"--drop_path is a probability, from 0 to less than 1, got {args.drop_path}")
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
-    if args.save_every_minutes is not None and args.save_every_minutes <= 0:
-        raise UserError(f"--save_every_minutes must be more than 0, got {args.save_every_minutes}")
-    if not 0 <= getattr(args, "hflip", 0.5) <= 1:
-        raise UserError(f"--hflip is a probability, from 0 to 1, got {args.hflip}")
-    scale = getattr(args, "crop_scale", None)
-    if scale and not 0 < scale[0] <= scale[1] <= 1:
-        raise UserError(f"--crop_scale MIN MAX needs 0 < MIN <= MAX <= 1, got {scale[0]} {scale[1]}")
-    if not args.data_path:
-        raise UserError("--data_path is required: a folder with train/ (and val/) sub-folders of class folders")
-    if getattr(args, "eval", False) and not args.resume and not getattr(args, "finetune", ""):
-        raise UserError("--eval needs the weights to evaluate: --resume CKPT (a checkpoint of this script) or "
-                        "--finetune CKPT (a fine-tuned classifier: ours, the reference's, timm's or Hugging Face's)")
-    if getattr(args, "data_loader", "torch") == "dali":
-        require_dali()
-
-
-def check_fsdp_args(args: Any) -> None:
-    """--fsdp combinations that are not supported, each a one-line error naming the fix."""
-    if not getattr(args, "fsdp", False):
-        return
-    if args.amp == "fp16":
-        raise UserError("--fsdp does not support --amp fp16 (its loss scaler would check only each process's shard "
-                        "for overflows); use --amp bf16 (the default with --fsdp on CUDA) or --amp none")
-    if args.compile:
-        raise UserError("--fsdp with --compile is not supported; drop --compile (the default is off with --fsdp)")
-    if getattr(args, "dist_eval", False):
-        raise UserError("--fsdp with --dist_eval is not supported: shards of unequal length would leave processes "
-                        "waiting for each other's parameters; drop --dist_eval (each process evaluates the whole set)")
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def note_num_workers(num_workers: int) -> None:
-    """One line when --num_workers exceeds the CPUs (the reference's default of 10 on a small machine), in place
-    of the DataLoader's own warning, which it repeats for every loader it builds."""
-    cpus = available_cpus()
-    if num_workers > cpus:
-        warn(f"--num_workers {num_workers} is more than the {cpus} CPUs this process can use: loading works, "
-             f"but --num_workers {cpus} or fewer avoids oversubscribing them")
-        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-
-
-STAGE_SCALE = {"main_pretrain": PRETRAIN_SCALE, "main_finetune": FINETUNE_SCALE, "main_linprobe": LINPROBE_SCALE}
-
-
-def resolve_paths(args: Any) -> None:
+def resolve_paths(flags: Dict[str, Any]) -> None:
     """--data_path, --knn_data_path and a local --finetune as absolute paths: args.json and the run identity then
     name the same files whatever the working directory of a rerun."""
     for flag in ("data_path", "knn_data_path", "finetune"):
-        value = getattr(args, flag, None)
+        value = flags.get(flag)
         if isinstance(value, str) and value and "://" not in value:
-            setattr(args, flag, os.path.abspath(value))
+            flags[flag] = os.path.abspath(value)
 
 
 def default_device() -> str:
@@ -113,52 +55,70 @@ def resolve_lr(lr: Any, blr: float, eff_batch_size: int) -> float:
     return lr if lr is not None else blr * eff_batch_size / 256
 
 
-def resolve_settings(args: Any, entry: str) -> torch.device:
-    """Validate the flags, join the process group, and set every setting left to a default in args.
+def resolve_precision(device: torch.device, amp: Optional[str], compile: Optional[bool], fsdp: bool,
+                      attn: str = "auto", patch_embed: str = "auto") -> Dict[str, Any]:
+    """amp, compile, attn and patch_embed in effect on `device` (the training scripts' and benchmark.py's)."""
+    if fsdp and amp is None and device.type == "cuda":
+        amp = "bf16"  # FSDP's policy computes in bf16; fp16 would need a loss scaler across the shards
+    amp = resolve_amp(amp, device)
+    if compile is None:
+        compile = device.type == "cuda" and not fsdp  # measured faster there (PRETRAIN.md); off on CPU
+    try:
+        attn, patch_embed = perf.resolve_layers(device.type, amp, attn, patch_embed)
+    except ValueError as e:
+        raise UserError(f"{e}; use --attn auto|sdpa|math and --patch_embed auto|conv|linear") from None
+    return {"amp": amp, "compile": compile, "attn": attn, "patch_embed": patch_embed}
 
-    Returns the device. Sets args.entry (the entry point, e.g. 'main_pretrain': part of the run identity,
-    util/runs.py), device, amp, compile, attn, patch_embed, lr, resume and start_epoch (plus rank,
-    world_size, gpu, distributed from the process group). With --fsdp and no launcher, a process group of
-    this process alone is created (FSDP needs one).
-    """
-    args.entry = entry
-    check_common_args(args)
-    note_num_workers(args.num_workers)
-    resolve_paths(args)
-    if getattr(args, "crop_scale", None) is None and entry in STAGE_SCALE:
-        args.crop_scale = list(STAGE_SCALE[entry])  # recorded as run, not as "the default"
-    check_fsdp_args(args)
-    fsdp = getattr(args, "fsdp", False)
-    if args.device is None:
-        args.device = default_device()
-    device = parse_device(args.device)
-    init_distributed_mode(args)
-    if device.type == "cuda" and args.distributed:
-        device = torch.device("cuda", args.gpu)
-    if fsdp and not args.distributed:
+
+def join(device_name: Optional[str], dist_url: str, dist_on_itp: bool, timeout_minutes: float, fsdp: bool,
+         gpu: Optional[int] = None) -> Tuple[torch.device, Dict[str, Any]]:
+    """(the device this process trains on, the process group's rank/world_size/gpu/distributed) after joining
+    the group of torchrun / SLURM / OpenMPI, if any; with `fsdp` and no launcher, a group of this process
+    alone (FSDP needs one)."""
+    device = parse_device(device_name or default_device())
+    group = join_process_group(device.type, dist_url, dist_on_itp, timeout_minutes, gpu)
+    if device.type == "cuda" and group["distributed"]:
+        device = torch.device("cuda", group["gpu"])
+    if fsdp and not group["distributed"]:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # the device mesh is built on the current device
         init_single_process_group(device.type)
+    return device, group
 
-    if fsdp and args.amp is None and device.type == "cuda":
-        args.amp = "bf16"  # FSDP's policy computes in bf16; fp16 would need a loss scaler across the shards
-    args.amp = resolve_amp(args.amp, device)
-    if args.compile is None:
-        args.compile = device.type == "cuda" and not fsdp  # measured faster there (PRETRAIN.md); off on CPU
-    try:
-        args.attn, args.patch_embed = perf.resolve_layers(device.type, args.amp, args.attn, args.patch_embed)
-    except ValueError as e:
-        raise UserError(f"{e}; use --attn auto|sdpa|math and --patch_embed auto|conv|linear") from None
 
-    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
-    args.lr = resolve_lr(args.lr, args.blr, eff_batch_size)
-    log("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
-    log("actual lr: %.2e" % args.lr)
-    log("accumulate grad iterations: %d" % args.accum_iter)
+def resolve_settings(args: argparse.Namespace, entry: str, resolved: Optional[Mapping[str, Any]] = None) -> Settings:
+    """The run's Settings from its parsed flags (which are not changed).
+
+    `resolved`: stage values the entry point resolved itself (e.g. the decoder sizes of the model), recorded
+    as run. The settings record the entry point (`entry`, part of the run identity, util/runs.py), device, amp,
+    compile, attn, patch_embed, lr, resume and start_epoch, plus rank, world_size, gpu and distributed.
+    """
+    flags: Dict[str, Any] = {**vars(args), **(resolved or {}), "entry": entry}
+    given = settings_from_flags(flags)  # typed reads; the groups' defaults stand for flags this entry lacks
+    check_common_flags(given)
+    note_num_workers(given.data.num_workers)
+    resolve_paths(flags)
+    if given.data.crop_scale is None and entry in STAGE_SCALE:
+        flags["crop_scale"] = list(STAGE_SCALE[entry])  # recorded as run, not as "the default"
+    check_fsdp_flags(given)
+    dist, precision = given.dist, given.precision
+    device, group = join(flags["device"], dist.dist_url, dist.dist_on_itp, dist.dist_timeout, dist.fsdp, dist.gpu)
+    flags.update(group, device=flags["device"] or default_device())
+    flags.update(resolve_precision(device, flags["amp"], flags["compile"], dist.fsdp, precision.attn,
+                                   precision.patch_embed))
+
+    optim = given.optim
+    eff_batch_size = given.data.batch_size * optim.accum_iter * group["world_size"]
+    flags["lr"] = resolve_lr(optim.lr, optim.blr, eff_batch_size)
+    log("base lr: %.2e" % (flags["lr"] * 256 / eff_batch_size))
+    log("actual lr: %.2e" % flags["lr"])
+    log("accumulate grad iterations: %d" % optim.accum_iter)
     log("effective batch size: %d" % eff_batch_size)
 
-    args.resume, args.start_epoch = resolve_resume(
-        args.resume, args.output_dir, getattr(args, "auto_resume", True), getattr(args, "eval", False),
-        args.start_epoch, entry=entry, settings=to_plain(args), overwrite=getattr(args, "overwrite", False),
-        log_dir=getattr(args, "log_dir", ""))
-    return device
+    ckpt = given.ckpt
+    flags["resume"], flags["start_epoch"] = resolve_resume(
+        ckpt.resume, ckpt.output_dir, ckpt.auto_resume, ckpt.eval, optim.start_epoch, entry=entry,
+        settings=to_plain(flags), overwrite=ckpt.overwrite, log_dir=ckpt.log_dir)
+    settings = settings_from_flags(flags)
+    # the device this process trains on (cuda:LOCAL_RANK under a launcher); the record keeps the flag's value
+    return replace(settings, precision=replace(settings.precision, device=str(device)))

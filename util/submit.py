@@ -9,6 +9,7 @@ import importlib
 import os
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +17,9 @@ import submitit
 
 from util.checkpoint import find_latest_checkpoint
 from util.cli import command_line_parser
+from util.config import settings_from_flags
 from util.errors import Preempted
+from util.flag_checks import check_common_flags, check_fsdp_flags, check_pretrain_flags
 from util.logger import log
 
 DEFAULT_JOB_DIR = os.path.join("submitit_jobs", "%j")
@@ -135,8 +138,20 @@ class Trainer:
         log(f"Process group: {job_env.num_tasks} tasks, rank: {job_env.global_rank}", force=True)
 
 
+def check_before_submitting(args: argparse.Namespace, entry: str) -> None:
+    """The entry point's flag checks (util/flag_checks.py), here, before a job waits in the queue for them."""
+    given = settings_from_flags(vars(args))
+    # the job's nodes may have packages this one lacks (DALI): those are checked where the job runs
+    check_common_flags(replace(given, data=replace(given.data, data_loader="torch")))
+    check_fsdp_flags(given)
+    if entry == "main_pretrain":
+        check_pretrain_flags(given)
+
+
 def submit(args: argparse.Namespace, trainer_cls: type, name: str = "mae"):
-    """Create the executor from the launcher flags, submit trainer_cls(args) and print the job id."""
+    """Check the flags, create the executor from the launcher flags, submit trainer_cls(args) and print the
+    job id."""
+    check_before_submitting(args, trainer_cls.entry)
     if args.job_dir == "":
         args.job_dir = DEFAULT_JOB_DIR
     args.job_dir = os.path.abspath(args.job_dir)

@@ -1,12 +1,11 @@
-"""The transforms of each stage, and the on-device normalisation that finishes uint8 batches.
+"""The torch backend of the stage recipes (util/recipes.py): torchvision / timm transforms, and the on-device
+normalisation that finishes uint8 batches.
 
-- pre-training: random resized crop (scale 0.2-1), flip (`pretrain_transform`);
-- fine-tuning: timm's RandAugment / random-erasing pipeline (`build_transform`, the reference's);
-- linear probing: single-draw random resized crop + flip (`linprobe_transform`);
-- evaluation: resize the short side, center crop (`eval_transform`).
-
-Transforms built with normalize=False end in a uint8 tensor; `normalize_images` turns a batch of
-those into the same floats as ToTensor + Normalize, on the device.
+`torch_transform(recipe)` is what `--data_loader torch` runs in its worker processes. Without `normalize` the
+transform ends in a uint8 tensor (a quarter of the bytes, no float maths in the workers) and
+`normalize_images` finishes the batch on the device with the same numbers as ToTensor + Normalize. The
+reference's names stay: `build_transform(is_train, args)` (fine-tuning), and `pretrain_transform`,
+`linprobe_transform`, `eval_transform`.
 """
 import re
 from typing import Any, Callable, Dict, Sequence, Tuple
@@ -17,27 +16,13 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 from util.compat import fix_timm_posterize
-from util.errors import UserError
 from util.crop import RandomResizedCrop
+from util.errors import UserError
+from util.recipes import (FINETUNE_SCALE, LINPROBE_SCALE, PRETRAIN_AUGS, PRETRAIN_SCALE, Recipe,  # noqa: F401
+                          eval_crop_pct, eval_recipe, eval_resize, finetune_recipe, linprobe_recipe, linprobe_resize,
+                          pretrain_recipe, pretrain_resize)
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
-
-
-# the random-resized-crop area range of each stage when --crop_scale is not given
-PRETRAIN_SCALE = (0.2, 1.0)
-FINETUNE_SCALE = (0.08, 1.0)
-LINPROBE_SCALE = (0.08, 1.0)
-
-
-def crop_scale(args: Any, default: Tuple[float, float]) -> Tuple[float, float]:
-    """The --crop_scale of a run (MIN MAX), or the stage's default when it is not given."""
-    scale = getattr(args, "crop_scale", None)
-    return tuple(scale) if scale else default
-
-
-def _flip(p: float) -> list:
-    """A horizontal flip with probability p, or nothing for p = 0."""
-    return [transforms.RandomHorizontalFlip(p)] if p > 0 else []
 
 
 def check_auto_augment(policy: str) -> None:
@@ -54,40 +39,63 @@ def check_auto_augment(policy: str) -> None:
                         f"e.g. m9, n2, mstd0.5, inc1); use e.g. rand-m9-mstd0.5-inc1 (the default) or '' for none")
 
 
-def build_transform(is_train: bool, args: Any) -> Callable:
-    """Fine-tuning transforms: timm RandAugment/erasing pipeline, or resize + center crop."""
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    if is_train:
-        check_auto_augment(args.aa)
-        if args.aa:
-            fix_timm_posterize()  # RandAugment at magnitude 10 on Pillow >= 13 (util/compat.py); idempotent
-        try:
-            return create_transform(
-                input_size=args.input_size,
-                is_training=True,
-                color_jitter=args.color_jitter,
-                auto_augment=args.aa,
-                interpolation="bicubic",
-                scale=crop_scale(args, FINETUNE_SCALE),
-                hflip=getattr(args, "hflip", 0.5),
-                re_prob=args.reprob,
-                re_mode=args.remode,
-                re_count=args.recount,
-                mean=mean,
-                std=std,
-            )
-        except (AssertionError, KeyError, ValueError) as e:  # timm's checks of the policy string
-            if not args.aa:
-                raise
-            raise UserError(f"--aa {args.aa} is not an augmentation policy timm knows ({e or type(e).__name__}); "
-                            f"use e.g. rand-m9-mstd0.5-inc1 (the default) or '' for none") from None
-    return eval_transform(args.input_size)
+def _timm_finetune(recipe: Recipe) -> Callable:
+    """The fine-tuning recipe as timm's RandAugment / erasing pipeline (normalised floats out)."""
+    aa = recipe.auto_augment
+    check_auto_augment(aa or "")
+    if aa:
+        fix_timm_posterize()  # RandAugment at magnitude 10 on Pillow >= 13 (util/compat.py); idempotent
+    try:
+        return create_transform(
+            input_size=recipe.input_size,
+            is_training=True,
+            color_jitter=recipe.color_jitter,
+            auto_augment=aa,
+            interpolation="bicubic",
+            scale=recipe.scale,
+            hflip=recipe.hflip,
+            re_prob=recipe.reprob,
+            re_mode=recipe.remode,
+            re_count=recipe.recount,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        )
+    except (AssertionError, KeyError, ValueError) as e:  # timm's checks of the policy string
+        if not aa:
+            raise
+        raise UserError(f"--aa {aa} is not an augmentation policy timm knows ({e or type(e).__name__}); "
+                        f"use e.g. rand-m9-mstd0.5-inc1 (the default) or '' for none") from None
 
 
-def _to_tensor(steps: list, normalize: bool) -> Callable:
-    """steps + ToTensor + Normalize, or steps + a uint8 tensor that `normalize_images` finishes on the
-    device with bit-identical results (loader workers skip the float maths and move a quarter of the
-    bytes)."""
+def _flip(p: float) -> list:
+    """A horizontal flip with probability p, or nothing for p = 0."""
+    return [transforms.RandomHorizontalFlip(p)] if p > 0 else []
+
+
+def _crop_steps(recipe: Recipe) -> list:
+    """The geometric steps of a recipe (and its colour jitter), on PIL images."""
+    size = recipe.input_size
+    if not recipe.train:
+        return [transforms.Resize(recipe.resize, interpolation=BICUBIC), transforms.CenterCrop(size)]
+    if recipe.crop_fixed:
+        return [transforms.Resize(recipe.resize, interpolation=BICUBIC), transforms.RandomCrop(size),
+                *_flip(recipe.hflip)]
+    if recipe.attempts == 10:
+        crop = transforms.RandomResizedCrop(size, scale=recipe.scale, ratio=recipe.ratio, interpolation=BICUBIC)
+    elif recipe.attempts == 1:
+        crop = RandomResizedCrop(size, scale=recipe.scale, ratio=recipe.ratio, interpolation=BICUBIC)
+    else:
+        raise ValueError(f"the torch loader draws a random resized crop 10 times or once, not {recipe.attempts}")
+    jitter = [transforms.ColorJitter(*recipe.color_jitter)] if recipe.color_jitter else []
+    return [crop, *_flip(recipe.hflip), *jitter]
+
+
+def torch_transform(recipe: Recipe, normalize: bool = False) -> Callable:
+    """A recipe as a transform of one PIL image: a uint8 CHW tensor out (normalised floats with `normalize`,
+    and always for fine-tuning's training recipe, see Recipe.normalized_by_workers)."""
+    if recipe.normalized_by_workers:
+        return _timm_finetune(recipe)
+    steps = _crop_steps(recipe)
     if normalize:
         steps = steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     else:
@@ -115,66 +123,30 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255).sub_(mean).div_(std)
 
 
-def eval_crop_pct(input_size: int) -> float:
-    """The share of the resized short side that evaluation keeps: 224/256 up to 224 px, else all of it."""
-    return 224 / 256 if input_size <= 224 else 1.0
+# ----------------------------------------------------------------------------
+# the reference's functions
 
-
-def eval_resize(input_size: int) -> int:
-    """The short side evaluation resizes to before its center crop: input_size / eval_crop_pct."""
-    return int(input_size / eval_crop_pct(input_size))
-
-
-def pretrain_resize(input_size: int) -> int:
-    """The short side of the crop_fixed / none pre-training augmentations: input_size / 0.875."""
-    return int(input_size / 0.875)
-
-
-def linprobe_resize(input_size: int) -> int:
-    """The short side of linear probing's evaluation: input_size * 256 / 224."""
-    return int(input_size * 256 / 224)
+def build_transform(is_train: bool, args: Any) -> Callable:
+    """The reference's fine-tuning transforms from its flags (input_size, color_jitter, aa, reprob, remode,
+    recount): timm's RandAugment / erasing pipeline, or resize + center crop (normalised floats)."""
+    if is_train:
+        return torch_transform(finetune_recipe(args.input_size, args.aa, args.color_jitter, args.reprob,
+                                               args.remode, args.recount))
+    return eval_transform(args.input_size)
 
 
 def eval_transform(input_size: int, normalize: bool = True) -> Callable:
     """Resize the short side to input_size/crop_pct (bicubic), center-crop, normalise (or uint8)."""
-    return _to_tensor([
-        transforms.Resize(eval_resize(input_size), interpolation=BICUBIC),  # to maintain the same ratio w.r.t. 224 images
-        transforms.CenterCrop(input_size),
-    ], normalize)
-
-
-PRETRAIN_AUGS = ("none", "crop_fixed", "crop_rand", "crop_rand_color")
+    return torch_transform(eval_recipe(input_size), normalize)
 
 
 def pretrain_transform(input_size: int, normalize: bool = True, aug: str = "crop_rand", hflip: float = 0.5,
                        scale: Sequence[float] = PRETRAIN_SCALE) -> Callable:
-    """MAE pre-training augmentation (paper Table 1e), then normalise (or uint8).
-
-    crop_rand (the reference): random resized crop of `scale` of the area (0.2-1), bicubic, and horizontal
-    flip with probability `hflip` (0.5);
-    crop_rand_color: the same, then color jitter (brightness, contrast, saturation 0.4, hue 0.1);
-    crop_fixed: resize the short side to input_size / 0.875 (bicubic), random crop of input_size, flip;
-    none: resize the short side to input_size / 0.875 (bicubic), center crop of input_size.
-    """
-    if aug not in PRETRAIN_AUGS:
-        raise ValueError(f"pre-training augmentation must be one of {', '.join(PRETRAIN_AUGS)}, got {aug}")
-    resize = transforms.Resize(pretrain_resize(input_size), interpolation=BICUBIC)
-    crop = transforms.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC)
-    steps = {
-        "none": [resize, transforms.CenterCrop(input_size)],
-        "crop_fixed": [resize, transforms.RandomCrop(input_size), *_flip(hflip)],
-        "crop_rand": [crop, *_flip(hflip)],
-        "crop_rand_color": [crop, *_flip(hflip), transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)],
-    }[aug]
-    return _to_tensor(steps, normalize)
+    """MAE pre-training augmentation (util.recipes.pretrain_recipe), then normalise (or uint8)."""
+    return torch_transform(pretrain_recipe(input_size, aug, hflip, scale), normalize)
 
 
 def linprobe_transform(is_train: bool, input_size: int = 224, normalize: bool = True, hflip: float = 0.5,
                        scale: Sequence[float] = LINPROBE_SCALE) -> Callable:
-    """Linear-probe transforms: single-draw random resized crop of `scale` of the area + flip with
-    probability `hflip`, or resize 256/224 + crop; normalised, or uint8."""
-    if is_train:
-        return _to_tensor([RandomResizedCrop(input_size, scale=tuple(scale), interpolation=BICUBIC),
-                           *_flip(hflip)], normalize)
-    return _to_tensor([transforms.Resize(linprobe_resize(input_size), interpolation=BICUBIC),
-                       transforms.CenterCrop(input_size)], normalize)
+    """Linear-probe transforms (util.recipes.linprobe_recipe), normalised, or uint8."""
+    return torch_transform(linprobe_recipe(is_train, input_size, hflip, scale), normalize)
