@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from timm.data import Mixup
 
-from util.engine_loop import StepBoundary, TrainEpoch
+from util.engine_loop import StepBoundary, EpochSteps
 from util.logger import log
 from util.metrics import MetricLogger, SmoothedValue
 from util.precision import autocast, resolve_amp
@@ -34,21 +34,21 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         args: accum_iter, amp, print_freq and the lr schedule fields (settings.args of a run).
         position, stop: continue a stopped epoch; told at each optimizer step (util/engine_loop.py).
     """
-    epoch_run = TrainEpoch(model, optimizer, loss_scaler, epoch, args, log_writer, "loss", clip_grad=max_norm,
+    steps = EpochSteps(model, optimizer, loss_scaler, epoch, args, log_writer, "loss", clip_grad=max_norm,
                            position=position, stop=stop)
-    for data_iter_step, (samples, targets) in epoch_run.batches(data_loader):
+    for data_iter_step, (samples, targets) in steps.batches(data_loader):
         samples = normalize_images(samples.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        with epoch_run.micro_step(data_iter_step):  # lr schedule; gradients reduced at the accumulation's end
+        with steps.micro_step(data_iter_step):  # lr schedule; gradients reduced at the accumulation's end
             with autocast(device, args.amp):
                 outputs = model(samples)
                 # the loss in fp32 from the logits, whatever --amp: CPU autocast keeps log_softmax (timm's
                 # LabelSmoothingCrossEntropy) in bf16, where CUDA autocast runs it in fp32; a no-op for fp32 logits
                 loss = criterion(outputs.float(), targets)
-            epoch_run.backward(loss)  # loss_scaler: backward, clip, optimizer step every accum_iter; meters
-    return epoch_run.finish()
+            steps.backward(loss)  # loss_scaler: backward, clip, optimizer step every accum_iter; meters
+    return steps.finish()
 
 
 @torch.no_grad()

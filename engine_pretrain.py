@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
-from util.engine_loop import StepBoundary, TrainEpoch
+from util.engine_loop import StepBoundary, EpochSteps
 from util.precision import autocast
 from util.resume import EpochPosition
 from util.transforms import normalize_images
@@ -29,12 +29,12 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         args: accum_iter, mask_ratio, amp, print_freq and the lr schedule fields (settings.args of a run).
         position, stop: continue a stopped epoch; told at each optimizer step (util/engine_loop.py).
     """
-    epoch_run = TrainEpoch(model, optimizer, loss_scaler, epoch, args, log_writer, "train_loss", position=position,
+    steps = EpochSteps(model, optimizer, loss_scaler, epoch, args, log_writer, "train_loss", position=position,
                            stop=stop)
-    for data_iter_step, (samples, _) in epoch_run.batches(data_loader):
+    for data_iter_step, (samples, _) in steps.batches(data_loader):
         samples = normalize_images(samples.to(device, non_blocking=True))
-        with epoch_run.micro_step(data_iter_step):  # lr schedule; gradients reduced at the accumulation's end
+        with steps.micro_step(data_iter_step):  # lr schedule; gradients reduced at the accumulation's end
             with autocast(device, args.amp):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            epoch_run.backward(loss)  # loss_scaler: backward, optimizer step every accum_iter; meters, NaN check
-    return epoch_run.finish()
+            steps.backward(loss)  # loss_scaler: backward, optimizer step every accum_iter; meters, NaN check
+    return steps.finish()

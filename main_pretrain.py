@@ -158,8 +158,8 @@ def main(args: argparse.Namespace) -> None:
     log(optimizer)
     loss_scaler = make_loss_scaler(p.amp, device)
 
-    training = runner.Training(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
-    log_writer = training.log_writer
+    run = runner.Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    log_writer = run.log_writer
     if settings.dist.fsdp and ckpt.vis_freq and log_writer is not None:
         log("Reconstructions are not drawn during --fsdp training (the model is sharded); "
             "demo/mae_visualize.py draws them from a checkpoint")
@@ -169,17 +169,17 @@ def main(args: argparse.Namespace) -> None:
     knn = knn_loaders(k.knn_data_path or data.data_path, data.input_size, data.batch_size, data.num_workers,
                       data.pin_mem, device, k.knn_max_train, data.strict_data) if k.knn_freq else None
 
-    with training:
-        for epoch in training.epochs():
+    with run:
+        for epoch in run.epochs():
             train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                           log_writer=log_writer, args=settings.args,
-                                          position=training.position(epoch), stop=training)
+                                          position=run.position(epoch), stop=run)
             last = epoch + 1 == optim.epochs
             if vis_images is not None and (epoch % ckpt.vis_freq == 0 or last):
                 log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, m.mask_ratio, device)
             monitored = knn_monitor(model_without_ddp, knn, settings, log_writer, epoch) \
                 if knn is not None and (epoch % k.knn_freq == 0 or last) else {}
-            training.end_epoch(epoch, train_stats, monitored=monitored, numbered=epoch % ckpt.save_freq == 0)
+            run.end_epoch(epoch, train_stats, monitored=monitored, numbered=epoch % ckpt.save_freq == 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from util.errors import UserError
 from util.logger import log
 from util.recipes import Recipe
 from util.resume import restore
-from util.runner import Training
+from util.runner import Run
 
 
 def classification_data(settings: Settings, train_recipe: Optional[Recipe], val_recipe: Recipe
@@ -71,15 +71,15 @@ def train_and_evaluate(settings: Settings, *, model: torch.nn.Module, model_with
     """The epochs of fine-tuning or linear probing: train, evaluate, log, save; return the last test stats."""
     device = settings.device
     n_parameters = _count_parameters(model_without_ddp)
-    training = Training(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train,
+    run = Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train,
                         extra_log={"n_parameters": n_parameters})
-    log_writer = training.log_writer
+    log_writer = run.log_writer
     max_accuracy, test_stats = 0.0, {}
-    with training:
-        for epoch in training.epochs():
+    with run:
+        for epoch in run.epochs():
             train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                           max_norm, mixup_fn, log_writer=log_writer, args=settings.args,
-                                          position=training.position(epoch), stop=training)
+                                          position=run.position(epoch), stop=run)
             test_stats = _evaluate(settings, model, data_loader_val)
             max_accuracy = max(max_accuracy, test_stats["acc1"])
             log(f"Max accuracy: {max_accuracy:.2f}%")
@@ -87,5 +87,5 @@ def train_and_evaluate(settings: Settings, *, model: torch.nn.Module, model_with
                 log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
                 log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
                 log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
-            training.end_epoch(epoch, train_stats, test_stats)
+            run.end_epoch(epoch, train_stats, test_stats)
     return test_stats

@@ -1,7 +1,7 @@
-"""What an epoch of either engine does around its forward pass: `TrainEpoch`.
+"""What an epoch of either engine does around its forward pass: `EpochSteps`.
 
 engine_pretrain.train_one_epoch and engine_finetune.train_one_epoch hold their step (batch to the device,
-forward under autocast, the model's or the criterion's loss) and call down into a TrainEpoch for the rest:
+forward under autocast, the model's or the criterion's loss) and call down into a EpochSteps for the rest:
 
 - `batches(loader)`: (step, batch) pairs, continuing a stopped epoch from its saved position (step numbers,
   meters and random state carry on as if never interrupted), with the console progress line;
@@ -33,7 +33,7 @@ from util.sharding import gradient_sync
 
 
 class StepBoundary:
-    """What a TrainEpoch tells at every optimizer-step boundary (util.runner.Training implements it)."""
+    """What a EpochSteps tells at every optimizer-step boundary (util.runner.Run implements it)."""
 
     def step_done(self, epoch: int, step: int, meters: MetricLogger, check_losses: Callable[[], None]) -> None:
         """`step` batches of `epoch` are done; `check_losses` raises if a loss since the last check was not
@@ -96,7 +96,7 @@ class _Started:
         return self.length
 
 
-class TrainEpoch:
+class EpochSteps:
     """One epoch of optimisation around an engine's forward pass (see the module docstring).
 
     Args:
@@ -195,15 +195,15 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
                 args: Any, log_writer: Optional[Any] = None, loss_tag: str = "loss",
                 clip_grad: Optional[float] = None, position: Optional[EpochPosition] = None,
                 stop: Optional[StepBoundary] = None) -> Dict[str, float]:
-    """A TrainEpoch around any loss: compute_loss(samples, targets) on the device, under autocast (for a
+    """A EpochSteps around any loss: compute_loss(samples, targets) on the device, under autocast (for a
     loss that is not one of the engines'; they write the same loop with their model's forward)."""
-    epoch_run = TrainEpoch(model, optimizer, loss_scaler, epoch, args, log_writer, loss_tag, clip_grad, position,
+    steps = EpochSteps(model, optimizer, loss_scaler, epoch, args, log_writer, loss_tag, clip_grad, position,
                            stop)
-    for step, (samples, targets) in epoch_run.batches(data_loader):
+    for step, (samples, targets) in steps.batches(data_loader):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True) if torch.is_tensor(targets) else targets
-        with epoch_run.micro_step(step):
+        with steps.micro_step(step):
             with autocast(device, args.amp):
                 loss = compute_loss(samples, targets)
-            epoch_run.backward(loss)
-    return epoch_run.finish()
+            steps.backward(loss)
+    return steps.finish()

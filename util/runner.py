@@ -1,15 +1,15 @@
-"""What the training entry points share around their loops: setup, model preparation, and `Training`.
+"""What the training entry points share around their loops: setup, model preparation, and `Run`.
 
 Each `main_*.py` reads as the reference's: it resolves its settings (`setup`), builds the model, data,
 optimizer and loss scaler, then runs the epochs itself,
 
-    training = Training(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
-    with training:
-        for epoch in training.epochs():
-            train_stats = train_one_epoch(..., position=training.position(epoch), stop=training)
-            training.end_epoch(epoch, train_stats, ...)
+    run = Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    with run:
+        for epoch in run.epochs():
+            train_stats = train_one_epoch(..., position=run.position(epoch), stop=run)
+            run.end_epoch(epoch, train_stats, ...)
 
-and `Training` does what the reference's loop did around the engine (resume, log.txt, checkpoints) plus
+and `Run` does what the reference's loop did around the engine (resume, log.txt, checkpoints) plus
 ours: exact mid-epoch positions, stop signals and the rerun of a finished run.
 """
 import datetime
@@ -42,7 +42,7 @@ from util.sharding import shard_model
 def setup(args: Any, entry: str, resolved: Optional[Mapping[str, Any]] = None) -> Settings:
     """The run settings of entry point `entry` (util/settings.py), logged; every rank seeded --seed + rank.
 
-    Nothing is written here: a training run writes its files when `Training` starts, once everything it
+    Nothing is written here: a training run writes its files when `Run` starts, once everything it
     needs has been checked and built.
     """
     settings = resolve_settings(args, entry, resolved)
@@ -169,7 +169,7 @@ def tensorboard_writer(log_dir: str, start_epoch: int, position: Optional[EpochP
     return SummaryWriter(log_dir=log_dir, purge_step=int(start * 1000) if start > 0 else None)
 
 
-class Training(StepBoundary):
+class Run(StepBoundary):
     """The epochs of a training run: resume, TensorBoard, log.txt, checkpoints, stop signals.
 
     Built once the model, optimizer, scaler and training loader exist: it restores --resume (or the run being
@@ -198,7 +198,7 @@ class Training(StepBoundary):
         self.guard = StopGuard(self.ckpt.save_every_minutes, settings.dist.dist_timeout)
         self._fingerprint: List[str] = []  # of the training set, hashed at the first mid-epoch save only
 
-    def __enter__(self) -> "Training":
+    def __enter__(self) -> "Run":
         self.guard.__enter__()
         return self
 
