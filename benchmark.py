@@ -37,6 +37,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 import main_finetune
+import make_shards
 import util.cli as cli
 import util.loaders as loaders
 import util.perf as perf
@@ -49,6 +50,7 @@ from util.flag_checks import check_fsdp_flags
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
 from util.optional import require_dali
 from util.recipes import pretrain_recipe
+from util.sources import open_split
 from util.settings import join
 from util.transforms import pretrain_transform
 
@@ -57,7 +59,7 @@ def finetune_recipe_of_defaults(input_size: int):
     """main_finetune.py's training recipe with its default flags."""
     defaults = main_finetune.get_args_parser().parse_args([])
     return main_finetune.train_recipe(settings_from_flags({**vars(defaults), "input_size": input_size,
-                                                           "crop_scale": [0.08, 1.0]}))
+                                                           "entry": "main_finetune"}))
 
 
 def loader_stream(args: argparse.Namespace, kind: str) -> Tuple[Iterator, Dict[str, float]]:
@@ -76,7 +78,7 @@ def loader_stream(args: argparse.Namespace, kind: str) -> Tuple[Iterator, Dict[s
     else:
         recipe = finetune_recipe_of_defaults(args.input_size) if args.transform == "finetune" \
             else pretrain_recipe(args.input_size)
-        dataset = ImageFolder(root)
+        dataset = open_split(args.data_path, "train", unlabeled_ok=True)  # a folder, shards, a HF dataset
         # DALI checks every file first (util/dali.py): part of the set-up time
         loader = loaders.train_loader(kind, dataset, recipe, args.batch_size, args.num_workers, True, 0, device)
     setup_s = time.perf_counter() - start
@@ -121,15 +123,33 @@ def _ratio_line(results: List[Dict[str, float]]) -> Optional[str]:
     return None
 
 
+def _with_shards(args: argparse.Namespace) -> List[Dict[str, float]]:
+    """data_throughput of each loader on --data_path; with --shards, then of the torch loader on the same images
+    written as WebDataset shards (make_shards.py) in a temporary folder."""
+    results = [{"source": "files", **data_throughput(args, k)} for k in args.data_loader]
+    if args.shards:
+        with tempfile.TemporaryDirectory() as tmp:
+            make_shards.write_split(os.path.join(args.data_path, "train"), os.path.join(tmp, "train"), "train",
+                                    args.shard_size, 1e9)
+            results.append({"source": "shards", **data_throughput(argparse.Namespace(**{**vars(args),
+                                                                                       "data_path": tmp}), "torch")})
+    return results
+
+
 def main_data(args: argparse.Namespace) -> int:
-    source, results = with_jpeg_folder(args, lambda a: [data_throughput(a, k) for k in args.data_loader])
+    source, results = with_jpeg_folder(args, _with_shards)
     print(f"input pipeline: {source}, {args.transform} transform, {args.input_size}px, "
           f"batch {args.batch_size}, {args.num_workers} workers (dali: threads), device {args.device}")
     for r in results:
-        print(f"  {r['loader']:>5}: {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per worker), "
-              f"set-up {r['setup_s']:.2f} s for {r['images']} images")
-    if _ratio_line(results):
-        print(f"  {_ratio_line(results)}")
+        print(f"  {r['loader']:>5} ({r['source']}): {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per "
+              f"worker), set-up {r['setup_s']:.2f} s for {r['images']} images")
+    files = [r for r in results if r["source"] == "files"]
+    if _ratio_line(files):
+        print(f"  {_ratio_line(files)}")
+    shard_rates = [r["img_s"] for r in results if r["source"] == "shards"]
+    torch_files = [r["img_s"] for r in files if r["loader"] == "torch"]
+    if shard_rates and torch_files:
+        print(f"  torch, shards / files: {shard_rates[0] / torch_files[0]:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "source": source, "results": results}, f, indent=2)
@@ -232,6 +252,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--transform", choices=["pretrain", "pretrain-float", "finetune"], default="pretrain",
                       help="the augmentation to time (pretrain-float: the reference's float output); e2e times MAE "
                            "pre-training for pretrain, ViT fine-tuning for finetune")
+    data.add_argument("--shards", action="store_true",
+                      help="data mode: also write the training images as WebDataset shards (make_shards.py) in a "
+                           "temporary folder and time the torch loader on them, next to the files")
+    data.add_argument("--shard_size", type=int, default=1000, help="images per shard for --shards")
     data.add_argument("--data_loader", nargs="+", choices=loaders.LOADERS, default=["torch"],
                       help="the loader(s) to time, one after the other in this process (dali: NVIDIA DALI with "
                            "--num_workers threads)")

@@ -35,7 +35,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         position, stop: continue a stopped epoch; told at each optimizer step (util/engine_loop.py).
     """
     steps = EpochSteps(model, optimizer, loss_scaler, epoch, args, log_writer, "loss", clip_grad=max_norm,
-                           position=position, stop=stop)
+                       position=position, stop=stop)
     for data_iter_step, (samples, targets) in steps.batches(data_loader):
         samples = normalize_images(samples.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)

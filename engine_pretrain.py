@@ -30,7 +30,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         position, stop: continue a stopped epoch; told at each optimizer step (util/engine_loop.py).
     """
     steps = EpochSteps(model, optimizer, loss_scaler, epoch, args, log_writer, "train_loss", position=position,
-                           stop=stop)
+                       stop=stop)
     for data_iter_step, (samples, _) in steps.batches(data_loader):
         samples = normalize_images(samples.to(device, non_blocking=True))
         with steps.micro_step(data_iter_step):  # lr schedule; gradients reduced at the accumulation's end

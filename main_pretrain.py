@@ -18,7 +18,8 @@ import util.perf as perf
 import util.runner as runner
 from engine_pretrain import train_one_epoch
 from util.config import ModelSettings, Settings, settings_from_flags
-from util.datasets import image_folder
+from util.sources import open_split
+from util.distributed import is_main_process
 from util.errors import UserError
 from util.flag_checks import check_pretrain_flags
 from util.knn import encoder_features, knn_evaluate, knn_loaders
@@ -141,7 +142,8 @@ def main(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(f"--mask_type {m.mask_type}: {e}") from None
 
-    dataset_train = image_folder(data.data_path, "train", data.strict_data)
+    dataset_train = open_split(data.data_path, "train", data.strict_data, unlabeled_ok=True,
+                               image_column=data.image_column, label_column=data.label_column)
     log(dataset_train)
     recipe = pretrain_recipe(data.input_size, settings.augment.pretrain_aug, data.hflip, settings.crop_scale)
     data_loader_train = loaders.train_loader(data.data_loader, dataset_train, recipe, data.batch_size,
@@ -158,16 +160,20 @@ def main(args: argparse.Namespace) -> None:
     log(optimizer)
     loss_scaler = make_loss_scaler(p.amp, device)
 
-    run = runner.Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
-    log_writer = run.log_writer
-    if settings.dist.fsdp and ckpt.vis_freq and log_writer is not None:
+    # what the epochs show, built before the run writes its first file: a missing k-NN folder fails here
+    draws = bool(ckpt.vis_freq and ckpt.log_dir and is_main_process())  # TensorBoard is written by rank 0
+    if settings.dist.fsdp and draws:
         log("Reconstructions are not drawn during --fsdp training (the model is sharded); "
             "demo/mae_visualize.py draws them from a checkpoint")
-    vis_images = fixed_images(dataset_train, data.input_size) \
-        if log_writer is not None and ckpt.vis_freq and not settings.dist.fsdp else None
+    vis_images = fixed_images(dataset_train, data.input_size) if draws and not settings.dist.fsdp else None
     k = settings.knn
     knn = knn_loaders(k.knn_data_path or data.data_path, data.input_size, data.batch_size, data.num_workers,
                       data.pin_mem, device, k.knn_max_train, data.strict_data) if k.knn_freq else None
+
+    run = runner.Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    log_writer = run.log_writer
+    if log_writer is None:
+        vis_images = None  # nothing to draw into (a finished run's rerun)
 
     with run:
         for epoch in run.epochs():

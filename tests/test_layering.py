@@ -20,13 +20,15 @@ LAYERS = [
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("sharding", ["util.sharding"]),
     ("checkpoint", ["util.formats", "util.checkpoint", "util.runs", "util.resume", "util.preemption"]),
-    ("data", ["util.transforms", "util.samplers", "util.datasets", "util.dali_graph", "util.dali", "util.loaders"]),
+    ("data", ["util.transforms", "util.samplers", "util.datasets", "util.sources", "util.dali_graph", "util.dali",
+              "util.loaders"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop", "util.knn"]),
     ("engines", ["engine_pretrain", "engine_finetune"]),
     ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc", "util.export",
                 "util.bench"]),
-    ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "main_knn", "benchmark", "export"]),
+    ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "main_knn", "benchmark", "export",
+                      "make_shards"]),
     ("launchers", ["util.submit", "submitit_pretrain", "submitit_finetune", "submitit_linprobe"]),
 ]
 LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
@@ -39,6 +41,8 @@ LAZY_OK = {
     # optional dependency (requirements-dali.txt), needed only for --data_loader dali: the DALI loader is
     # imported when one is built, NVIDIA DALI when a pipeline is
     ("util.loaders", "util.dali"),
+    # optional dependencies (requirements-data.txt), needed only for shards and Hugging Face datasets
+    ("util.sources", "wids"), ("util.sources", "datasets"), ("make_shards", "webdataset"),
     *(("util.dali_graph", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
                                        "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core")),
     ("util.dali", "nvidia.dali.plugin.pytorch"),

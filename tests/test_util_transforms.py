@@ -143,8 +143,10 @@ def _flipped(out: torch.Tensor) -> bool:
 @pytest.mark.parametrize("make", [
     lambda p, s: transforms.pretrain_transform(32, normalize=False, hflip=p, scale=s),
     lambda p, s: transforms.linprobe_transform(True, 32, normalize=False, hflip=p, scale=s),
+    lambda p, s: transforms.build_transform(True, argparse.Namespace(
+        input_size=32, color_jitter=None, aa="", reprob=0.0, remode="pixel", recount=1, hflip=p, crop_scale=s)),
     lambda p, s: transforms.torch_transform(transforms.finetune_recipe(32, aa="", reprob=0.0, hflip=p, scale=s)),
-], ids=["pretrain", "linprobe", "finetune"])
+], ids=["pretrain", "linprobe", "finetune", "finetune-recipe"])
 def test_hflip_and_crop_scale_reach_every_training_transform(make):
     img = _asymmetric_image()
     torch.manual_seed(0)

@@ -11,12 +11,13 @@ import torch
 import util.loaders as loaders
 from engine_finetune import evaluate, train_one_epoch
 from util.config import Settings
-from util.datasets import check_same_classes, image_folder
+from util.datasets import check_same_classes
 from util.errors import UserError
 from util.logger import log
 from util.recipes import Recipe
 from util.resume import restore
 from util.runner import Run
+from util.sources import open_split
 
 
 def classification_data(settings: Settings, train_recipe: Optional[Recipe], val_recipe: Recipe
@@ -25,8 +26,8 @@ def classification_data(settings: Settings, train_recipe: Optional[Recipe], val_
     its stage's recipe with --data_loader; checks that both splits hold the same class folders (or every label
     after a difference would shift) and --nb_classes."""
     data, device = settings.data, settings.device
-    dataset_train = image_folder(data.data_path, "train", data.strict_data)
-    dataset_val = image_folder(data.data_path, "val", data.strict_data)
+    dataset_train, dataset_val = (open_split(data.data_path, split, data.strict_data, image_column=data.image_column,
+                                             label_column=data.label_column) for split in ("train", "val"))
     log(dataset_train)
     log(dataset_val)
     check_same_classes(dataset_train, dataset_val)
@@ -72,7 +73,7 @@ def train_and_evaluate(settings: Settings, *, model: torch.nn.Module, model_with
     device = settings.device
     n_parameters = _count_parameters(model_without_ddp)
     run = Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train,
-                        extra_log={"n_parameters": n_parameters})
+              extra_log={"n_parameters": n_parameters})
     log_writer = run.log_writer
     max_accuracy, test_stats = 0.0, {}
     with run:

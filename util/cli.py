@@ -94,8 +94,9 @@ def _add_optimizer_args(group: Any, weight_decay: float, blr: float, min_lr: flo
 
 def _add_data_args(parser: argparse.ArgumentParser, group: Any, training: bool) -> None:
     group.add_argument("--data_path", default=None, type=str,
-                       help="dataset path (required): a folder with train/ (and val/) ImageFolder "
-                                "sub-folders")
+                       help="dataset path (required): a folder with train/ (and val/) ImageFolder sub-folders, or "
+                            "with train/ (and val/) WebDataset .tar shards, or a Hugging Face save_to_disk folder; "
+                            "for pre-training also any folder of images (no labels)")
     group.add_argument("--output_dir", default="./output_dir",
                        help="where to save checkpoints, log.txt and args.json; empty for no saving" if training else
                        "where to append the results to knn_log.txt (a training run's folder is fine: nothing else "
@@ -105,6 +106,10 @@ def _add_data_args(parser: argparse.ArgumentParser, group: Any, training: bool) 
     group.add_argument("--device", default=None,
                        help="device to train / test on: cpu, cuda or cuda:N (default: cuda if available, "
                                 "else cpu)")
+    group.add_argument("--image_column", default="image",
+                       help="the image column of a Hugging Face dataset in --data_path (a save_to_disk folder)")
+    group.add_argument("--label_column", default="label",
+                       help="the label column of a Hugging Face dataset in --data_path")
     group.add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
     if training:
         group.add_argument("--resume", default="", help="resume from this checkpoint (a path or an https URL)")

@@ -25,6 +25,8 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 
+from util.recipes import FINETUNE_SCALE, STAGE_SCALE
+
 
 class FrozenArgs(argparse.Namespace):
     """The resolved flags as a read-only Namespace: `vars()` and attribute reads work, writes raise."""
@@ -51,6 +53,8 @@ class DataSettings:
     hflip: float = 0.5
     crop_scale: Optional[Tuple[float, float]] = None
     dist_eval: bool = False
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 @dataclass(frozen=True)
@@ -200,11 +204,16 @@ class Settings:
     @property
     def crop_scale(self) -> Tuple[float, float]:
         """The training crop's area range (resolved to the stage's default when not given)."""
-        return tuple(self.data.crop_scale)
+        return tuple(self.data.crop_scale or STAGE_SCALE.get(self.entry, FINETUNE_SCALE))
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _group(cls: type, flags: Mapping[str, Any]) -> Any:
-    return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
+    # lists (crop_scale, nb_knn, cutmix_minmax) as tuples: a group shares no mutable value with anything
+    return cls(**{f.name: _frozen(flags[f.name]) for f in fields(cls) if f.name in flags})
 
 
 def settings_from_flags(flags: Mapping[str, Any]) -> Settings:

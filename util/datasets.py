@@ -4,9 +4,10 @@ policy of both loaders), and the torch DataLoaders over the samplers of util/sam
 `build_dataset` and `build_transform` are the reference's names (the transforms themselves live in
 util/transforms.py).
 """
+import contextlib
 import multiprocessing
 import os
-from typing import Any, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 import numpy as np
 import PIL
@@ -15,13 +16,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 
+from util.distributed import broadcast_object, is_main_process
 from util.errors import DataError, UserError
 from util.logger import warn
 from util.samplers import ResumableSampler, ShardSampler, check_one_batch, eval_sampler, train_sampler
 from util.transforms import build_transform
 
-__all__ = ["ImageFolder", "READ_ERRORS", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform",
-           "check_one_batch", "check_same_classes", "eval_loader", "image_folder", "load_image", "split_folder",
+__all__ = ["BadSamplePolicy", "ImageFolder", "READ_ERRORS", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform",
+           "check_one_batch", "check_same_classes", "eval_loader", "load_image", "split_folder",
            "to_8bit", "train_loader"]
 
 # what opening or decoding a damaged image raises, in PIL and in our checks: the files the bad-file policy skips
@@ -39,7 +41,7 @@ def to_8bit(values: np.ndarray) -> np.ndarray:
     return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
-def load_image(path: str) -> Image.Image:
+def load_image(path: Union[str, os.PathLike, BinaryIO]) -> Image.Image:
     """ImageFolder's loader: the file as an 8-bit RGB PIL image, 16-bit grey scaled to 8 bits as DALI scales it.
 
     As torchvision's default loader (grey replicated to RGB, alpha dropped, the EXIF orientation not
@@ -48,7 +50,7 @@ def load_image(path: str) -> Image.Image:
     instead of being clipped. PIL opens 16-bit colour images as 8 bits itself, keeping each value's high
     byte (v >> 8): at most one level below DALI's round(v / 257).
     """
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as f:
         img = Image.open(f)
         if img.mode in _GREY_16BIT:
             values = np.asarray(img)  # [H, W]
@@ -61,50 +63,47 @@ def load_image(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-class ImageFolder(datasets.ImageFolder):
-    """torchvision ImageFolder that survives unreadable images.
+class BadSamplePolicy:
+    """The one bad-sample policy of every image source and both loaders.
 
-    By default a sample whose file cannot be decoded is replaced by the next readable one and a
-    warning names the file once; `skipped` counts the distinct bad files seen by any loader
-    worker (a flag per file in shared memory). With strict=True the first bad file raises a
-    DataError naming it.
+    A sample that cannot be decoded is replaced by the next readable one and a warning names it once; `skipped`
+    counts the distinct bad samples seen by any loader worker (a flag per sample in shared memory). With
+    strict=True the first bad sample raises a DataError naming it. A source implements `read(index)` ->
+    (PIL image, target), `describe(index)` (the file or member, for messages) and `__len__`.
     """
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, strict: bool = False):
-        if not os.path.isdir(root):
-            raise DataError(f"image folder not found: {root}; --data_path must contain "
-                            f"train/ and val/ folders of class sub-folders")
-        try:
-            super().__init__(root, transform=transform, loader=load_image)
-        except FileNotFoundError as e:
-            raise DataError(f"no images in {root} ({e}); expected {root}/<class>/<image> files") from None
+    strict = False
+    transform: Optional[Callable] = None
+    target_transform: Optional[Callable] = None
+
+    def _track_bad_samples(self, n: int, strict: bool) -> None:
         self.strict = strict
-        self._bad = multiprocessing.Array("b", len(self.samples), lock=False)  # 1 = unreadable
+        self._bad = multiprocessing.Array("b", n, lock=False)  # 1 = unreadable
 
     @property
     def skipped(self) -> int:
-        """Number of distinct unreadable files found so far (all loader workers)."""
+        """Number of distinct unreadable samples found so far (all loader workers)."""
         return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
     def unreadable(self, index: int, reason: str, every_rank: bool = True) -> None:
-        """The bad-file policy, for either loader: with `strict` a DataError naming the file; otherwise the file is
-        flagged (counted by `skipped`, replaced by the next readable one) and named in a warning the first time
-        (by the rank that met it, or only by rank 0 when every rank meets every bad file: `every_rank` False)."""
-        path = self.samples[index][0]
+        """With `strict` a DataError naming the sample; otherwise the sample is flagged (counted by `skipped`,
+        replaced by the next readable one) and named in a warning the first time (by the rank that met it, or
+        only by rank 0 when every rank meets every bad sample: `every_rank` False)."""
+        where = self.describe(index)
         if self.strict:
-            raise DataError(f"cannot read image {path}: {reason}; remove or replace the file, "
+            raise DataError(f"cannot read image {where}: {reason}; remove or replace the file, "
                             f"or drop --strict_data to skip bad files")
         if not self._bad[index]:
             self._bad[index] = 1
-            warn(f"skipping unreadable image {path}: {reason}", force=every_rank)
+            warn(f"skipping unreadable image {where}: {reason}", force=every_rank)
 
     def load(self, index: int) -> Any:
-        """(PIL image, target) of sample `index`, or of the next readable one (see the class docstring)."""
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            path, target = self.samples[i]
+        """(PIL image, target) of sample `index`, or of the next readable one."""
+        n = len(self)
+        for attempt in range(n):
+            i = (index + attempt) % n
             try:
-                return self.loader(path), target
+                return self.read(i)
             except READ_ERRORS as e:
                 self.unreadable(i, str(e) or type(e).__name__)
         raise DataError(f"no readable image in {self.root}")
@@ -116,6 +115,45 @@ class ImageFolder(datasets.ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+
+class ImageFolder(BadSamplePolicy, datasets.ImageFolder):
+    """torchvision ImageFolder (root/<class>/<image>) that survives unreadable images (BadSamplePolicy)."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, strict: bool = False):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder not found: {root}; --data_path must contain "
+                            f"train/ and val/ folders of class sub-folders")
+        try:
+            datasets.ImageFolder.__init__(self, root, transform=transform, loader=load_image)
+        except FileNotFoundError as e:
+            raise DataError(f"no images in {root} ({e}); expected {root}/<class>/<image> files") from None
+        self._track_bad_samples(len(self.samples), strict)
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: Any, extensions: Any = None, is_valid_file: Any = None,
+                     allow_empty: bool = False) -> Any:
+        """torchvision's file listing, done once by rank 0 and shared with the other ranks (a collective): a
+        million files are not listed by every process of a job at every start."""
+        listed: Any = None
+        if is_main_process():
+            try:
+                listed = datasets.folder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+            except FileNotFoundError as e:
+                listed = e
+        listed = broadcast_object(listed)
+        if isinstance(listed, Exception):
+            raise listed
+        return listed
+
+    def read(self, index: int) -> Any:
+        path, target = self.samples[index]
+        return self.loader(path), target
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+    __getitem__ = BadSamplePolicy.__getitem__
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:
@@ -140,16 +178,11 @@ def split_folder(data_path: str, split: str) -> str:
     return root
 
 
-def image_folder(data_path: str, split: str, strict: bool = False, transform: Optional[Callable] = None
-                 ) -> ImageFolder:
-    """ImageFolder(data_path/split); the loader renders its transform from the stage's recipe (util/loaders.py)."""
-    return ImageFolder(split_folder(data_path, split), transform=transform, strict=strict)
-
-
 def build_dataset(is_train: bool, args: Any, transform: Optional[Callable] = None) -> ImageFolder:
     """The reference's: ImageFolder(args.data_path/'train' or 'val') with build_transform (or the given transform)."""
     root = split_folder(args.data_path, "train" if is_train else "val")
-    return ImageFolder(root, transform=transform if transform is not None else build_transform(is_train, args))
+    return ImageFolder(root, transform=transform if transform is not None else build_transform(is_train, args),
+                       strict=vars(args).get("strict_data", False))  # --strict_data: ours, where given
 
 
 # ----------------------------------------------------------------------------

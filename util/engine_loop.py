@@ -1,7 +1,7 @@
 """What an epoch of either engine does around its forward pass: `EpochSteps`.
 
 engine_pretrain.train_one_epoch and engine_finetune.train_one_epoch hold their step (batch to the device,
-forward under autocast, the model's or the criterion's loss) and call down into a EpochSteps for the rest:
+forward under autocast, the model's or the criterion's loss) and call down into an EpochSteps for the rest:
 
 - `batches(loader)`: (step, batch) pairs, continuing a stopped epoch from its saved position (step numbers,
   meters and random state carry on as if never interrupted), with the console progress line;
@@ -33,7 +33,7 @@ from util.sharding import gradient_sync
 
 
 class StepBoundary:
-    """What a EpochSteps tells at every optimizer-step boundary (util.runner.Run implements it)."""
+    """What an EpochSteps tells at every optimizer-step boundary (util.runner.Run implements it)."""
 
     def step_done(self, epoch: int, step: int, meters: MetricLogger, check_losses: Callable[[], None]) -> None:
         """`step` batches of `epoch` are done; `check_losses` raises if a loss since the last check was not
@@ -198,7 +198,7 @@ def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.
     """A EpochSteps around any loss: compute_loss(samples, targets) on the device, under autocast (for a
     loss that is not one of the engines'; they write the same loop with their model's forward)."""
     steps = EpochSteps(model, optimizer, loss_scaler, epoch, args, log_writer, loss_tag, clip_grad, position,
-                           stop)
+                       stop)
     for step, (samples, targets) in steps.batches(data_loader):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True) if torch.is_tensor(targets) else targets

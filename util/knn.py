@@ -14,13 +14,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from util.datasets import check_same_classes, image_folder
+from util.datasets import check_same_classes
 from util.distributed import all_reduce_sum_, get_world_size
 from util.errors import UserError
 from util.loaders import eval_loader
 from util.logger import log
 from util.precision import autocast
 from util.recipes import eval_recipe
+from util.sources import open_split
 
 
 def _gather_rows(local: torch.Tensor) -> torch.Tensor:
@@ -162,7 +163,7 @@ def knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: i
     if not os.path.isdir(os.path.join(data_path, "val")):
         raise UserError(f"k-NN evaluation needs {os.path.join(data_path, 'val')}: an ImageFolder with train/ and "
                         f"val/ (--data_path of main_knn.py, --knn_data_path of main_pretrain.py)")
-    train, val = (image_folder(data_path, split, strict) for split in ("train", "val"))
+    train, val = (open_split(data_path, split, strict) for split in ("train", "val"))
     check_same_classes(train, val)
     if max_train and len(train) > max_train:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values

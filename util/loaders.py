@@ -7,7 +7,10 @@ policy (ImageFolder.unreadable), and every loader yields the same batch:
     labels: int64 [N], on the training device
 
 torch: worker processes run the recipe's torchvision / timm transforms and hand out uint8 (a quarter of the
-bytes); `DeviceBatches` moves each batch to the device and normalises it there, the one place it happens.
+bytes; fine-tuning's training recipe excepted, whose random erasing works on normalised values in the workers);
+`DeviceBatches` moves each batch to the device and normalises it there. The engines' own `normalize_images` call
+is for callers that hand them a plain DataLoader of uint8 images; for these loaders it does nothing.
+Building a torch loader sets the dataset's transform to the recipe's: one dataset, one loader.
 dali: the pipeline decodes, augments and normalises on the device itself (util/dali.py, imported only then).
 """
 from typing import Any, Iterator, Tuple
@@ -52,6 +55,15 @@ class DeviceBatches:
             yield images, labels.to(self.device, non_blocking=True)
 
 
+def _dali_can_read(dataset: Any) -> None:
+    """DALI reads image files (ImageFolder, an unlabeled folder); shards and Hugging Face datasets are read by
+    the torch loader."""
+    require_dali()
+    if not hasattr(dataset, "samples"):
+        raise UserError(f"--data_loader dali reads image files; {type(dataset).__name__} ({dataset.root}) is read "
+                        f"with --data_loader torch")
+
+
 def _render_for_torch(dataset: Any, recipe: Recipe) -> None:
     """The recipe as the dataset's transform, run by the DataLoader's workers."""
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
@@ -63,7 +75,7 @@ def train_loader(kind: str, dataset: ImageFolder, recipe: Recipe, batch_size: in
     """The training loader of --data_loader `kind` (shuffled per epoch, this rank's share, drop_last); refuses an
     `accum_iter` that no epoch reaches, which would train nothing."""
     if kind == "dali":
-        require_dali()
+        _dali_can_read(dataset)
         import util.dali as dali
         loader: Any = dali.dali_train_loader(dataset, recipe, batch_size, num_workers, seed, device)
     else:
@@ -84,7 +96,7 @@ def eval_loader(kind: str, dataset: Any, recipe: Recipe, batch_size: int, num_wo
     keep_workers=False (torch): workers end with each pass and draw from the loader's own generator, for
     evaluations inside a training run (the k-NN monitor) that must not touch training's random stream."""
     if kind == "dali":
-        require_dali()
+        _dali_can_read(dataset)
         import util.dali as dali
         return dali.dali_eval_loader(dataset, recipe, batch_size, num_workers, dist_eval, device)
     _render_for_torch(dataset, recipe)

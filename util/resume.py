@@ -195,7 +195,10 @@ class EpochPosition:
 
 
 def data_fingerprint(dataset: Any) -> str:
-    """A hash of the training set's file list and labels (its size where it has no `samples`)."""
+    """A hash of the training set's file list and labels (the source's own `fingerprint()` where it has one, its
+    size where it has neither)."""
+    if hasattr(dataset, "fingerprint"):
+        return dataset.fingerprint()
     samples = getattr(dataset, "samples", None)
     if samples is None:
         return f"len:{len(dataset)}"

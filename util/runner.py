@@ -1,7 +1,8 @@
 """What the training entry points share around their loops: setup, model preparation, and `Run`.
 
 Each `main_*.py` reads as the reference's: it resolves its settings (`setup`), builds the model, data,
-optimizer and loss scaler, then runs the epochs itself,
+optimizer and loss scaler, then runs the epochs (pre-training in main_pretrain.py; fine-tuning and linear
+probing in their shared util.classification.train_and_evaluate),
 
     run = Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
     with run:

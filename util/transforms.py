@@ -128,10 +128,13 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 def build_transform(is_train: bool, args: Any) -> Callable:
     """The reference's fine-tuning transforms from its flags (input_size, color_jitter, aa, reprob, remode,
-    recount): timm's RandAugment / erasing pipeline, or resize + center crop (normalised floats)."""
+    recount, and our --hflip and --crop_scale where the namespace has them): timm's RandAugment / erasing
+    pipeline, or resize + center crop (normalised floats)."""
     if is_train:
+        ours = vars(args)  # a namespace of the reference's parser has no --hflip / --crop_scale
         return torch_transform(finetune_recipe(args.input_size, args.aa, args.color_jitter, args.reprob,
-                                               args.remode, args.recount))
+                                               args.remode, args.recount, ours.get("hflip", 0.5),
+                                               ours.get("crop_scale") or FINETUNE_SCALE))
     return eval_transform(args.input_size)
 
 

@@ -1,0 +1,174 @@
+"""util/sources.py and make_shards.py: WebDataset shards, unlabeled folders and Hugging Face datasets read as the
+ImageFolder is, so that the same images in the same order train the same model."""
+import io
+import json
+import os
+import signal
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_finetune
+import main_pretrain
+import make_shards
+import util.sources as sources
+from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
+from util.datasets import ImageFolder
+from util.samplers import ResumableSampler
+
+COMMON = [*TINY_PRETRAIN, "--batch_size", "2", "--amp", "none", "--log_dir", ""]
+
+
+@pytest.fixture(scope="module")
+def shards(cls_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "data"
+    proc = run_entry(make_shards, "--data_path", cls_data, "--output_dir", out, "--maxcount", "5")
+    assert "each class's count equal to the folder's" in proc.stdout
+    return str(out)
+
+
+def _same_samples(a, b):
+    assert len(a) == len(b) and a.classes == b.classes
+    for i in range(len(a)):
+        (x, y), (u, v) = a.load(i), b.load(i)
+        assert y == v and np.array_equal(np.asarray(x), np.asarray(u)), i
+
+
+def test_shards_hold_the_folders_samples_and_labels_in_its_order(cls_data, shards):
+    with open(os.path.join(shards, "train", "shards.json")) as f:
+        index = json.load(f)
+    assert [s["nsamples"] for s in index["shardlist"]] == [5, 5, 2]  # 12 images, --maxcount 5
+    for split in ("train", "val"):
+        dataset = sources.open_split(shards, split)
+        assert isinstance(dataset, sources.ShardDataset)
+        _same_samples(ImageFolder(os.path.join(cls_data, split)), dataset)
+
+
+def test_two_ranks_share_an_epoch_of_shards_each_sample_once(shards):
+    dataset = sources.open_split(shards, "train")
+    orders = []
+    for rank in range(2):
+        sampler = ResumableSampler(dataset, num_replicas=2, rank=rank, seed=0)
+        sampler.set_epoch(3)
+        orders.append(list(sampler))
+    assert sorted(orders[0] + orders[1]) == list(range(12))
+
+
+@pytest.mark.e2e
+def test_pretraining_from_shards_equals_pretraining_from_the_folder(cls_data, shards, tmp_path):
+    args = [*COMMON, "--epochs", "1"]
+    run_entry(main_pretrain, *args, "--data_path", cls_data, "--output_dir", tmp_path / "folder")
+    run_entry(main_pretrain, *args, "--data_path", shards, "--output_dir", tmp_path / "shards")
+    a, b = load(tmp_path / "folder" / "checkpoint-0.pth"), load(tmp_path / "shards" / "checkpoint-0.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert read_log(tmp_path / "folder") == read_log(tmp_path / "shards")
+
+
+@pytest.mark.e2e
+def test_a_stop_signal_mid_epoch_on_shards_resumes_bitwise(shards, tmp_path, monkeypatch):
+    args = [*COMMON, "--epochs", "2", "--data_path", shards]
+    run_entry(main_pretrain, *args, "--output_dir", tmp_path / "whole")
+    real, count = sources.ShardDataset.__getitem__, [0]
+
+    def getitem(self, index):
+        count[0] += 1
+        if count[0] == 12 + 3 * 2 + 1:  # epoch 1, in step 3 of 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, index)
+
+    monkeypatch.setattr(sources.ShardDataset, "__getitem__", getitem)
+    out = tmp_path / "out"
+    assert run_entry(main_pretrain, *args, "--output_dir", out, check=False).returncode == 128 + signal.SIGTERM
+    assert load(out / "checkpoint-last.pth")["position"]["step"] == 4
+    monkeypatch.undo()
+    assert "Continuing epoch 1 at step 4" in run_entry(main_pretrain, *args, "--output_dir", out).stdout
+    a, b = load(tmp_path / "whole" / "checkpoint-last.pth"), load(out / "checkpoint-last.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert read_log(tmp_path / "whole") == read_log(out)
+
+
+def _write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png(value):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_shards_of_other_tools_are_indexed_once_and_bad_members_skipped(tmp_path):
+    folder = tmp_path / "d" / "train"
+    folder.mkdir(parents=True)
+    _write_shard(folder / "a.tar", [("x/0.png", _png(10)), ("x/0.cls", b"1"), ("x/1.jpg", b"not a jpeg"),
+                                    ("x/1.cls", b"0")])
+    _write_shard(folder / "b.tar", [("y/2.png", _png(30)), ("y/2.cls", b"2")])
+    dataset = sources.open_split(str(tmp_path / "d"), "train")
+    assert len(dataset) == 3 and dataset.classes == ["0", "1", "2"]
+    assert (folder / "shards.json").exists()
+    image, label = dataset.load(1)  # the damaged member: replaced by the next readable sample, said once
+    assert label == 2 and np.asarray(image)[0, 0, 0] == 30 and dataset.skipped == 1
+    _write_shard(folder / "a.tar", [("x/0.png", _png(10))])  # rewritten without labels: the index is stale
+    with pytest.raises(sources.DataError, match="without a .cls label"):
+        sources.open_split(str(tmp_path / "d"), "train")
+
+
+@pytest.mark.e2e
+def test_shard_and_source_errors_are_one_line(shards, tmp_path, cls_data):
+    proc = run_entry(main_pretrain, *COMMON, "--epochs", "1", "--data_path", shards, "--data_loader", "dali",
+                     "--output_dir", "", check=False)
+    assert proc.returncode == 2 and "--data_loader torch" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    unlabeled = tmp_path / "photos"
+    (unlabeled / "deep" / "er").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(unlabeled / "deep" / "er" / "a.png")
+    proc = run_entry(main_finetune, *TINY_CLS, "--epochs", "1", "--data_path", unlabeled, "--nb_classes", "2",
+                     "--output_dir", "", check=False)
+    assert proc.returncode == 2 and "train not found: this stage needs labelled train/ data" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_an_unlabeled_folder_pretrains(tmp_path):
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        folder = root / f"trip{i % 2}" / ("day" if i % 3 else "night")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    proc = run_entry(main_pretrain, *COMMON, "--epochs", "1", "--data_path", root, "--output_dir", tmp_path / "out")
+    assert "pre-training on every image under it, without labels (6 images)" in proc.stdout
+    assert [r["epoch"] for r in read_log(tmp_path / "out")] == [0]
+
+
+def _save_hf(cls_data, root, **columns):
+    import datasets
+    splits = {}
+    for split, name in (("train", "train"), ("val", "validation")):
+        folder = ImageFolder(os.path.join(cls_data, split))
+        features = datasets.Features({columns.get("image", "image"): datasets.Image(),
+                                      columns.get("label", "label"): datasets.ClassLabel(names=folder.classes)})
+        splits[name] = datasets.Dataset.from_dict(
+            {columns.get("image", "image"): [p for p, _ in folder.samples],
+             columns.get("label", "label"): [t for _, t in folder.samples]}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+
+
+@pytest.mark.e2e
+def test_a_hugging_face_dataset_fine_tunes_as_its_folder(cls_data, pretrained, tmp_path):
+    _save_hf(cls_data, tmp_path / "hf", image="img", label="y")
+    args = [*TINY_CLS, "--epochs", "1", "--nb_classes", "3", "--finetune", pretrained, "--log_dir", ""]
+    run_entry(main_finetune, *args, "--data_path", cls_data, "--output_dir", tmp_path / "folder")
+    proc = run_entry(main_finetune, *args, "--data_path", tmp_path / "hf", "--output_dir", tmp_path / "out",
+                     check=False)
+    assert proc.returncode == 2 and "no column 'image'" in proc.stderr and "--image_column" in proc.stderr
+    run_entry(main_finetune, *args, "--data_path", tmp_path / "hf", "--image_column", "img", "--label_column", "y",
+              "--output_dir", tmp_path / "hf_out")
+    a, b = load(tmp_path / "folder" / "checkpoint-0.pth"), load(tmp_path / "hf_out" / "checkpoint-0.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert read_log(tmp_path / "folder") == read_log(tmp_path / "hf_out")

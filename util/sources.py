@@ -1,0 +1,308 @@
+"""Where a split's images come from, besides the reference's ImageFolder: WebDataset shards, an unlabeled folder,
+and a Hugging Face dataset saved with `save_to_disk`.
+
+`open_split(data_path, split, ...)` picks the source from what `--data_path` holds:
+
+- `D/dataset_dict.json`: a Hugging Face DatasetDict (splits `train`, and `validation` or `val`);
+- `D/<split>/` holding `.tar` files (and no class folders): WebDataset shards, read by random access through the
+  indexed reader `wids`, so the samplers, the exact mid-epoch resume and the bad-sample policy work as for a folder;
+- `D/<split>/<class>/<image>`: the reference's ImageFolder;
+- a training split with no `D/train/` at all, when the stage takes unlabeled images (pre-training): every image
+  under D, at any depth, label 0.
+
+Every source is a BadSamplePolicy dataset with `classes`, `root`, `read`, `describe` and `fingerprint`
+(what a mid-epoch position is checked against). Only ImageFolder and the unlabeled folder have image files DALI can
+read (`samples`); the other sources are read by `--data_loader torch`. webdataset / wids and datasets are
+optional (requirements-data.txt) and imported when such a source is opened.
+"""
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import tarfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from util.datasets import BadSamplePolicy, ImageFolder, load_image, split_folder
+from util.distributed import broadcast_object, is_main_process
+from util.errors import DataError, UserError
+from util.logger import log
+
+SHARD_INDEX = "shards.json"  # next to the shards: wids' shard list (nsamples per shard) plus the class names
+INDEX_KIND = "mae-webdataset-index-v1"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+HF_SPLITS = {"train": ("train",), "val": ("validation", "val")}
+
+
+def require(module: str, what: str) -> None:
+    """A one-line error naming the install when an optional data package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs the {module} package, which is not installed: "
+                        f"pip install -r requirements-data.txt")
+
+
+# ----------------------------------------------------------------------------
+# an unlabeled folder
+
+def list_images(root: str) -> List[str]:
+    """Every image file under root, at any depth, in sorted order (os.scandir, no stat of each file)."""
+    found, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    found.append(entry.path)
+    return sorted(found)
+
+
+class UnlabeledFolder(BadSamplePolicy, Dataset):
+    """Every image under `root` (any nesting) as one unlabeled set: label 0, no classes."""
+
+    def __init__(self, root: str, strict: bool = False):
+        self.root, self.classes = root, []
+        # listed once by rank 0 and shared (a collective), as ImageFolder's files
+        self.samples = [(path, 0) for path in broadcast_object(list_images(root) if is_main_process() else None)]
+        if not self.samples:
+            raise DataError(f"no images under {root}: --data_path must hold train/ (and val/) class folders, or "
+                            f"image files at any depth for pre-training without labels")
+        self._track_bad_samples(len(self.samples), strict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> Any:
+        return load_image(self.samples[index][0]), 0
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def __repr__(self) -> str:
+        return f"UnlabeledFolder\n    Number of datapoints: {len(self)}\n    Root location: {self.root}"
+
+
+# ----------------------------------------------------------------------------
+# WebDataset shards
+
+def _key_and_field(name: str) -> Tuple[str, str]:
+    """A tar member's sample key and field, as webdataset splits them: at the first dot of the file name."""
+    folder, base = os.path.split(name)
+    stem, _, field = base.partition(".")
+    return os.path.join(folder, stem), field.lower()
+
+
+def scan_shard(path: str) -> Tuple[int, List[int]]:
+    """(samples, their labels, -1 where a sample has no .cls) of one tar shard, read member by member."""
+    keys: Dict[str, int] = {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, field = _key_and_field(member.name)
+                keys.setdefault(key, -1)
+                if field == "cls":
+                    keys[key] = int(tar.extractfile(member).read().decode().strip())
+    except (tarfile.TarError, OSError, ValueError) as e:
+        raise DataError(f"cannot read shard {path}: {e}; rewrite it (make_shards.py) or remove it") from None
+    return len(keys), list(keys.values())
+
+
+def _stamp(path: str) -> Dict[str, int]:
+    """What tells a rewritten shard: its size and modification time."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_shard_index(folder: str, shards: Sequence[str], classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Scan `shards` and write folder/shards.json: wids' shard list (url, nsamples) and the class names (given,
+    or '0'..'K-1' from the labels found)."""
+    shardlist, top = [], -1
+    for path in shards:
+        n, labels = scan_shard(path)
+        if labels and min(labels) < 0:
+            raise DataError(f"shard {path} has samples without a .cls label; write the label of each sample as "
+                            f"<key>.cls (webdataset.TarWriter: 'cls'), or pre-train from it as unlabeled images")
+        top = max([top, *labels])
+        shardlist.append({"url": os.path.relpath(path, folder), "nsamples": n, **_stamp(path)})
+    index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": shardlist,
+             "classes": list(classes) if classes is not None else [str(i) for i in range(top + 1)]}
+    tmp = os.path.join(folder, f".{SHARD_INDEX}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(tmp, os.path.join(folder, SHARD_INDEX))
+    return index
+
+
+def shard_index(folder: str, shards: Sequence[str]) -> Dict[str, Any]:
+    """folder/shards.json, built once by rank 0 when missing or stale (shards added, removed or rewritten)."""
+    def build() -> Dict[str, Any]:
+        path = os.path.join(folder, SHARD_INDEX)
+        names = [os.path.relpath(s, folder) for s in shards]
+        if os.path.exists(path):
+            with open(path) as f:
+                index = json.load(f)
+            listed = [(s["url"], s.get("size"), s.get("mtime_ns")) for s in index["shardlist"]]
+            if listed == [(n, *_stamp(os.path.join(folder, n)).values()) for n in names]:
+                return index
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"{folder} holds shards without an up-to-date {SHARD_INDEX} and is read-only: build it "
+                            f"where it can be written with `python make_shards.py --index {folder}`")
+        log(f"Indexing {len(shards)} shard(s) in {folder} (once: {SHARD_INDEX})")
+        return write_shard_index(folder, shards)
+    index = broadcast_object(build() if is_main_process() else None)
+    if index is None:  # rank 0 failed: its error is the one to read
+        raise DataError(f"rank 0 could not index the shards in {folder}")
+    return index
+
+
+class ShardDataset(BadSamplePolicy, Dataset):
+    """WebDataset tar shards as a random-access dataset (wids), in the order of folder/shards.json.
+
+    Each sample is an image (one of IMAGE_KEYS) and its label (`.cls`, an integer as text).
+    """
+
+    def __init__(self, folder: str, shards: Sequence[str], strict: bool = False):
+        require("wids", "reading WebDataset shards")
+        self.root, self.folder = folder, folder
+        index = shard_index(folder, shards)
+        self.shardlist = [{"url": os.path.join(folder, s["url"]), "nsamples": s["nsamples"]}
+                          for s in index["shardlist"]]
+        self.classes = list(index["classes"])
+        self._len = sum(s["nsamples"] for s in self.shardlist)
+        self._reader: Optional[Any] = None
+        self._reader_pid = -1
+        self._track_bad_samples(self._len, strict)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _samples(self) -> Any:
+        # opened in each process that reads (loader workers too): open tar files are not shared across a fork
+        if self._reader is None or self._reader_pid != os.getpid():
+            import wids
+            quiet = io.StringIO()  # wids prints its shard list
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                self._reader = wids.ShardListDataset(self.shardlist, transformations=[])
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def read(self, index: int) -> Any:
+        sample = self._samples()[index]
+        image = next((sample[f".{k}"] for k in IMAGE_KEYS if f".{k}" in sample), None)
+        if image is None:
+            raise ValueError(f"no image field ({', '.join(IMAGE_KEYS)}) in sample {sample['__key__']}")
+        label = sample.get(".cls")
+        if label is None:
+            raise DataError(f"sample {sample['__key__']} of {sample['__shard__']} has no .cls label")
+        return load_image(image), int(label.read().decode().strip())
+
+    def describe(self, index: int) -> str:
+        start = 0
+        for shard in self.shardlist:
+            if index < start + shard["nsamples"]:
+                return f"{shard['url']} (sample {index - start})"
+            start += shard["nsamples"]
+        return f"sample {index}"
+
+    def fingerprint(self) -> str:
+        """The shards, their sizes and sample counts: what a saved position is checked against."""
+        text = "\n".join(f"{os.path.relpath(s['url'], self.folder)}\t{s['nsamples']}\t{os.path.getsize(s['url'])}"
+                         for s in self.shardlist)
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"ShardDataset\n    Number of datapoints: {len(self)}\n    Shards: {len(self.shardlist)} in "
+                f"{self.folder}\n    Classes: {len(self.classes)}")
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face datasets
+
+class HFImages(BadSamplePolicy, Dataset):
+    """One split of a DatasetDict saved with save_to_disk: `image_column` (an Image feature) and `label_column`."""
+
+    def __init__(self, root: str, split: str, image_column: str = "image", label_column: str = "label",
+                 strict: bool = False):
+        require("datasets", "reading a Hugging Face dataset")
+        import datasets
+        self.root = root
+        splits = datasets.load_from_disk(root)
+        name = next((s for s in HF_SPLITS.get(split, (split,)) if s in splits), None)
+        if name is None:
+            raise DataError(f"the Hugging Face dataset in {root} has no {' or '.join(HF_SPLITS.get(split, (split,)))} "
+                            f"split (it has {', '.join(splits)})")
+        ds = splits[name]
+        for column, flag in ((image_column, "--image_column"), (label_column, "--label_column")):
+            if column not in ds.column_names:
+                raise UserError(f"the {name} split of {root} has no column '{column}' (it has "
+                                f"{', '.join(ds.column_names)}); name the right one with {flag}")
+        if not isinstance(ds.features[image_column], datasets.Image):
+            raise UserError(f"column '{image_column}' of {root} is {type(ds.features[image_column]).__name__}, not an "
+                            f"image; name the image column with --image_column")
+        # the encoded bytes, decoded by load_image as every other source's files
+        self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column, self.label_column, self.split = image_column, label_column, name
+        feature = ds.features[label_column]
+        self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else \
+            [str(i) for i in range(max(ds[label_column]) + 1)]
+        self._track_bad_samples(len(ds), strict)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def read(self, index: int) -> Any:
+        row = self.ds[index]
+        image = row[self.image_column]
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+        return load_image(source), int(row[self.label_column])
+
+    def describe(self, index: int) -> str:
+        return f"row {index} of the {self.split} split of {self.root}"
+
+    def fingerprint(self) -> str:
+        return f"hf:{self.ds._fingerprint}:{len(self.ds)}"
+
+    def __repr__(self) -> str:
+        return (f"HFImages\n    Number of datapoints: {len(self)}\n    Root location: {self.root} ({self.split})\n"
+                f"    Classes: {len(self.classes)}")
+
+
+# ----------------------------------------------------------------------------
+# picking the source
+
+def _shards_in(folder: str) -> List[str]:
+    names = sorted(os.listdir(folder))
+    if any(os.path.isdir(os.path.join(folder, n)) for n in names):
+        return []
+    return [os.path.join(folder, n) for n in names if n.endswith(".tar")]
+
+
+def open_split(data_path: str, split: str, strict: bool = False, unlabeled_ok: bool = False,
+               image_column: str = "image", label_column: str = "label") -> Dataset:
+    """The dataset of `split` ('train' or 'val') under --data_path, from whichever source it holds (see the module
+    docstring); `unlabeled_ok`: a training split with no train/ folder is every image under data_path."""
+    if os.path.isfile(os.path.join(data_path, "dataset_dict.json")):
+        return HFImages(data_path, split, image_column, label_column, strict)
+    folder = os.path.join(data_path, split)
+    if os.path.isdir(folder):
+        shards = _shards_in(folder)
+        if shards:
+            return ShardDataset(folder, shards, strict)
+        return ImageFolder(folder, strict=strict)
+    if unlabeled_ok and split == "train" and os.path.isdir(data_path):
+        dataset = UnlabeledFolder(data_path, strict)
+        log(f"No train/ in {data_path}: pre-training on every image under it, without labels "
+            f"({len(dataset)} images)")
+        return dataset
+    if not os.path.isdir(data_path):
+        split_folder(data_path, split)  # the error that names the missing --data_path
+    raise DataError(f"{folder} not found: this stage needs labelled {split}/ data: class folders or .tar shards "
+                    f"under --data_path, or a Hugging Face save_to_disk folder (only pre-training reads a folder of "
+                    f"unlabeled images)")
