@@ -29,13 +29,14 @@ from util.sources import SHARD_INDEX, require, scan_shard, write_shard_index
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE shard writer", add_help=False,
                                      description="Write an ImageFolder as WebDataset shards (or index shards).")
-    parser.add_argument("--data_path", default=None, help="ImageFolder root with train/ (and val/) class folders")
-    parser.add_argument("--output_dir", default=None, help="where to write <split>/<split>-NNNNNN.tar and shards.json")
-    parser.add_argument("--splits", nargs="+", default=["train", "val"],
+    group = parser.add_argument_group("shard parameters")
+    group.add_argument("--data_path", default=None, help="ImageFolder root with train/ (and val/) class folders")
+    group.add_argument("--output_dir", default=None, help="where to write <split>/<split>-NNNNNN.tar and shards.json")
+    group.add_argument("--splits", nargs="+", default=["train", "val"],
                         help="the splits to write (those missing in --data_path are skipped)")
-    parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
-    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
-    parser.add_argument("--index", default=None, metavar="FOLDER",
+    group.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
+    group.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
+    group.add_argument("--index", default=None, metavar="FOLDER",
                         help="instead: write FOLDER/shards.json for the .tar shards in FOLDER")
     return parser
 

@@ -81,9 +81,13 @@ def test_classification_missing_data_path_is_one_line(module, tmp_path):
 def test_pretrain_errors(case, image_folder, tmp_path, bad_checkpoints):
     empty = tmp_path / "empty"
     (empty / "train" / "class0").mkdir(parents=True)
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
     base = [*TINY_PRETRAIN, *NO_SAVE, "--epochs", "1", "--data_path", image_folder]
     argv, expected = {
-        "no_train": ([*TINY_PRETRAIN, *NO_SAVE, "--data_path", tmp_path], "must contain a train/ folder"),
+        # a folder with images but no train/ pre-trains on them unlabeled (tests/test_util_sources.py); one without
+        # any is an error naming both layouts
+        "no_train": ([*TINY_PRETRAIN, *NO_SAVE, "--data_path", nothing], "must hold train/ (and val/) class folders"),
         "empty_split": ([*TINY_PRETRAIN, *NO_SAVE, "--data_path", empty], "no images in"),
         "unknown_model": ([*base, "--model", "mae_vit_gigantic"], "mae_vit_base_patch16, mae_vit_base_patch16_dec512d8b"),
         "input_size": ([*base, "--input_size", "40"], "--input_size 40 is not divisible by the patch size 16"),

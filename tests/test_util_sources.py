@@ -20,6 +20,9 @@ from util.datasets import ImageFolder
 from util.samplers import ResumableSampler
 
 COMMON = [*TINY_PRETRAIN, "--batch_size", "2", "--amp", "none", "--log_dir", ""]
+# the optional data packages (requirements-data.txt; CI installs them)
+pytest.importorskip("webdataset")
+pytest.importorskip("wids")
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,7 @@ def test_shard_and_source_errors_are_one_line(shards, tmp_path, cls_data):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(unlabeled / "deep" / "er" / "a.png")
     proc = run_entry(main_finetune, *TINY_CLS, "--epochs", "1", "--data_path", unlabeled, "--nb_classes", "2",
                      "--output_dir", "", check=False)
-    assert proc.returncode == 2 and "train not found: this stage needs labelled train/ data" in proc.stderr
+    assert proc.returncode == 2 and "must contain a train/ folder" in proc.stderr and "unlabeled" in proc.stderr
 
 
 @pytest.mark.e2e
@@ -147,7 +150,7 @@ def test_an_unlabeled_folder_pretrains(tmp_path):
 
 
 def _save_hf(cls_data, root, **columns):
-    import datasets
+    datasets = pytest.importorskip("datasets")
     splits = {}
     for split, name in (("train", "train"), ("val", "validation")):
         folder = ImageFolder(os.path.join(cls_data, split))

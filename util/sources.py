@@ -7,8 +7,8 @@ and a Hugging Face dataset saved with `save_to_disk`.
 - `D/<split>/` holding `.tar` files (and no class folders): WebDataset shards, read by random access through the
   indexed reader `wids`, so the samplers, the exact mid-epoch resume and the bad-sample policy work as for a folder;
 - `D/<split>/<class>/<image>`: the reference's ImageFolder;
-- a training split with no `D/train/` at all, when the stage takes unlabeled images (pre-training): every image
-  under D, at any depth, label 0.
+- a training split of a D with neither `train/` nor `val/`, when the stage takes unlabeled images (pre-training):
+  every image under D, at any depth, label 0.
 
 Every source is a BadSamplePolicy dataset with `classes`, `root`, `read`, `describe` and `fingerprint`
 (what a mid-epoch position is checked against). Only ImageFolder and the unlabeled folder have image files DALI can
@@ -296,13 +296,14 @@ def open_split(data_path: str, split: str, strict: bool = False, unlabeled_ok: b
         if shards:
             return ShardDataset(folder, shards, strict)
         return ImageFolder(folder, strict=strict)
-    if unlabeled_ok and split == "train" and os.path.isdir(data_path):
+    has_split = any(os.path.isdir(os.path.join(data_path, s)) for s in ("train", "val"))
+    if unlabeled_ok and split == "train" and os.path.isdir(data_path) and not has_split:
         dataset = UnlabeledFolder(data_path, strict)
         log(f"No train/ in {data_path}: pre-training on every image under it, without labels "
             f"({len(dataset)} images)")
         return dataset
     if not os.path.isdir(data_path):
         split_folder(data_path, split)  # the error that names the missing --data_path
-    raise DataError(f"{folder} not found: this stage needs labelled {split}/ data: class folders or .tar shards "
-                    f"under --data_path, or a Hugging Face save_to_disk folder (only pre-training reads a folder of "
-                    f"unlabeled images)")
+    raise DataError(f"{folder} not found: --data_path must contain a {split}/ folder of class folders or .tar "
+                    f"shards, or be a Hugging Face save_to_disk folder (only pre-training reads a folder of unlabeled "
+                    f"images, one with neither train/ nor val/)")
