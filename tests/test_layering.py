@@ -20,7 +20,7 @@ LAYERS = [
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("sharding", ["util.sharding"]),
     ("checkpoint", ["util.formats", "util.checkpoint", "util.runs", "util.resume", "util.preemption"]),
-    ("data", ["util.transforms", "util.samplers", "util.datasets", "util.sources", "util.dali_graph", "util.dali",
+    ("data", ["util.transforms", "util.samplers", "util.datasets", "util.hf_datasets", "util.sources", "util.dali_graph", "util.dali",
               "util.loaders"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop", "util.knn"]),
@@ -42,7 +42,7 @@ LAZY_OK = {
     # imported when one is built, NVIDIA DALI when a pipeline is
     ("util.loaders", "util.dali"),
     # optional dependencies (requirements-data.txt), needed only for shards and Hugging Face datasets
-    ("util.sources", "wids"), ("util.sources", "datasets"), ("make_shards", "webdataset"),
+    ("util.sources", "wids"), ("util.hf_datasets", "datasets"), ("util.sources", "braceexpand"), ("make_shards", "webdataset"),
     *(("util.dali_graph", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
                                        "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core")),
     ("util.dali", "nvidia.dali.plugin.pytorch"),
@@ -115,6 +115,22 @@ def test_imports_run_one_way_without_cycles():
     _topological(edges)  # raises on a cycle
     upward = [(m, n) for m, targets in edges.items() for n in targets if LAYER_OF[n] > LAYER_OF[m]]
     assert upward == []
+
+
+def test_no_entry_point_imports_dali_until_a_dali_loader_is_built():
+    # util.dali is imported only inside util.loaders, when --data_loader dali builds a loader; NVIDIA DALI only
+    # inside util.dali and util.dali_graph, when a pipeline is built
+    _, edges, _ = _graph()
+    seen, todo = set(), ["main_pretrain", "main_finetune", "main_linprobe", "main_knn", "benchmark", "export",
+                         "make_shards", "util.submit"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(n for n in edges[m] if (m, n) not in LAZY_OK)  # the edges of module-level imports
+    assert "util.dali" not in seen and "util.loaders" in seen
+    assert not any(n.startswith("nvidia") and (m, n) not in LAZY_OK
+                   for m in seen for n in _imports(_project_modules()[m])[0])
 
 
 def test_no_import_inside_a_function_except_the_listed_ones():

@@ -175,3 +175,12 @@ def test_a_hugging_face_dataset_fine_tunes_as_its_folder(cls_data, pretrained, t
     a, b = load(tmp_path / "folder" / "checkpoint-0.pth"), load(tmp_path / "hf_out" / "checkpoint-0.pth")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert read_log(tmp_path / "folder") == read_log(tmp_path / "hf_out")
+
+
+def test_a_brace_pattern_names_training_shards(cls_data, shards):
+    pattern = os.path.join(shards, "train", "train-{000000..000002}.tar")
+    _same_samples(ImageFolder(os.path.join(cls_data, "train")), sources.open_split(pattern, "train"))
+    with pytest.raises(sources.UserError, match="names training shards only"):
+        sources.open_split(pattern, "val")
+    with pytest.raises(sources.DataError, match="1 of its 4 shard"):
+        sources.open_split(os.path.join(shards, "train", "train-{000000..000003}.tar"), "train")

@@ -10,6 +10,13 @@ import torch
 from util.errors import UserError
 
 
+def require_package(module: str, what: str) -> None:
+    """A one-line error naming the install when an optional data package (requirements-data.txt) is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs the {module} package, which is not installed: "
+                        f"pip install -r requirements-data.txt")
+
+
 def dali_available() -> bool:
     """Whether NVIDIA DALI can be imported."""
     try:

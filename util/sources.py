@@ -4,6 +4,7 @@ and a Hugging Face dataset saved with `save_to_disk`.
 `open_split(data_path, split, ...)` picks the source from what `--data_path` holds:
 
 - `D/dataset_dict.json`: a Hugging Face DatasetDict (splits `train`, and `validation` or `val`);
+- `D/train-{000000..000127}.tar` (a brace pattern, or one .tar): those training shards, for pre-training;
 - `D/<split>/` holding `.tar` files (and no class folders): WebDataset shards, read by random access through the
   indexed reader `wids`, so the samplers, the exact mid-epoch resume and the bad-sample policy work as for a folder;
 - `D/<split>/<class>/<image>`: the reference's ImageFolder;
@@ -17,7 +18,6 @@ optional (requirements-data.txt) and imported when such a source is opened.
 """
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -30,19 +30,16 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from util.datasets import BadSamplePolicy, ImageFolder, load_image, split_folder
 from util.distributed import broadcast_object, is_main_process
 from util.errors import DataError, UserError
+from util.hf_datasets import HFImages
 from util.logger import log
+from util.optional import require_package
 
 SHARD_INDEX = "shards.json"  # next to the shards: wids' shard list (nsamples per shard) plus the class names
 INDEX_KIND = "mae-webdataset-index-v1"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
-HF_SPLITS = {"train": ("train",), "val": ("validation", "val")}
 
 
-def require(module: str, what: str) -> None:
-    """A one-line error naming the install when an optional data package is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise UserError(f"{what} needs the {module} package, which is not installed: "
-                        f"pip install -r requirements-data.txt")
+require = require_package  # (used by make_shards.py)
 
 
 # ----------------------------------------------------------------------------
@@ -120,7 +117,8 @@ def _stamp(path: str) -> Dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_shard_index(folder: str, shards: Sequence[str], classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def write_shard_index(folder: str, shards: Sequence[str], classes: Optional[Sequence[str]] = None,
+                      name: str = SHARD_INDEX) -> Dict[str, Any]:
     """Scan `shards` and write folder/shards.json: wids' shard list (url, nsamples) and the class names (given,
     or '0'..'K-1' from the labels found)."""
     shardlist, top = [], -1
@@ -133,17 +131,19 @@ def write_shard_index(folder: str, shards: Sequence[str], classes: Optional[Sequ
         shardlist.append({"url": os.path.relpath(path, folder), "nsamples": n, **_stamp(path)})
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": shardlist,
              "classes": list(classes) if classes is not None else [str(i) for i in range(top + 1)]}
-    tmp = os.path.join(folder, f".{SHARD_INDEX}.{os.getpid()}.tmp")
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(index, f, indent=1)
-    os.replace(tmp, os.path.join(folder, SHARD_INDEX))
+    os.replace(tmp, os.path.join(folder, name))
     return index
 
 
-def shard_index(folder: str, shards: Sequence[str]) -> Dict[str, Any]:
-    """folder/shards.json, built once by rank 0 when missing or stale (shards added, removed or rewritten)."""
+def shard_index(folder: str, shards: Sequence[str], name: str = SHARD_INDEX,
+                classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """folder/shards.json (or `name`), built once by rank 0 when missing or stale (shards added, removed or
+    rewritten)."""
     def build() -> Dict[str, Any]:
-        path = os.path.join(folder, SHARD_INDEX)
+        path = os.path.join(folder, name)
         names = [os.path.relpath(s, folder) for s in shards]
         if os.path.exists(path):
             with open(path) as f:
@@ -155,7 +155,7 @@ def shard_index(folder: str, shards: Sequence[str]) -> Dict[str, Any]:
             raise UserError(f"{folder} holds shards without an up-to-date {SHARD_INDEX} and is read-only: build it "
                             f"where it can be written with `python make_shards.py --index {folder}`")
         log(f"Indexing {len(shards)} shard(s) in {folder} (once: {SHARD_INDEX})")
-        return write_shard_index(folder, shards)
+        return write_shard_index(folder, shards, classes, name=name)
     index = broadcast_object(build() if is_main_process() else None)
     if index is None:  # rank 0 failed: its error is the one to read
         raise DataError(f"rank 0 could not index the shards in {folder}")
@@ -168,10 +168,11 @@ class ShardDataset(BadSamplePolicy, Dataset):
     Each sample is an image (one of IMAGE_KEYS) and its label (`.cls`, an integer as text).
     """
 
-    def __init__(self, folder: str, shards: Sequence[str], strict: bool = False):
-        require("wids", "reading WebDataset shards")
+    def __init__(self, folder: str, shards: Sequence[str], strict: bool = False, index_name: str = SHARD_INDEX,
+                 classes: Optional[Sequence[str]] = None):
+        require_package("wids", "reading WebDataset shards")
         self.root, self.folder = folder, folder
-        index = shard_index(folder, shards)
+        index = shard_index(folder, shards, index_name, classes)
         self.shardlist = [{"url": os.path.join(folder, s["url"]), "nsamples": s["nsamples"]}
                           for s in index["shardlist"]]
         self.classes = list(index["classes"])
@@ -223,58 +224,6 @@ class ShardDataset(BadSamplePolicy, Dataset):
 
 
 # ----------------------------------------------------------------------------
-# Hugging Face datasets
-
-class HFImages(BadSamplePolicy, Dataset):
-    """One split of a DatasetDict saved with save_to_disk: `image_column` (an Image feature) and `label_column`."""
-
-    def __init__(self, root: str, split: str, image_column: str = "image", label_column: str = "label",
-                 strict: bool = False):
-        require("datasets", "reading a Hugging Face dataset")
-        import datasets
-        self.root = root
-        splits = datasets.load_from_disk(root)
-        name = next((s for s in HF_SPLITS.get(split, (split,)) if s in splits), None)
-        if name is None:
-            raise DataError(f"the Hugging Face dataset in {root} has no {' or '.join(HF_SPLITS.get(split, (split,)))} "
-                            f"split (it has {', '.join(splits)})")
-        ds = splits[name]
-        for column, flag in ((image_column, "--image_column"), (label_column, "--label_column")):
-            if column not in ds.column_names:
-                raise UserError(f"the {name} split of {root} has no column '{column}' (it has "
-                                f"{', '.join(ds.column_names)}); name the right one with {flag}")
-        if not isinstance(ds.features[image_column], datasets.Image):
-            raise UserError(f"column '{image_column}' of {root} is {type(ds.features[image_column]).__name__}, not an "
-                            f"image; name the image column with --image_column")
-        # the encoded bytes, decoded by load_image as every other source's files
-        self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
-        self.image_column, self.label_column, self.split = image_column, label_column, name
-        feature = ds.features[label_column]
-        self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else \
-            [str(i) for i in range(max(ds[label_column]) + 1)]
-        self._track_bad_samples(len(ds), strict)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def read(self, index: int) -> Any:
-        row = self.ds[index]
-        image = row[self.image_column]
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-        return load_image(source), int(row[self.label_column])
-
-    def describe(self, index: int) -> str:
-        return f"row {index} of the {self.split} split of {self.root}"
-
-    def fingerprint(self) -> str:
-        return f"hf:{self.ds._fingerprint}:{len(self.ds)}"
-
-    def __repr__(self) -> str:
-        return (f"HFImages\n    Number of datapoints: {len(self)}\n    Root location: {self.root} ({self.split})\n"
-                f"    Classes: {len(self.classes)}")
-
-
-# ----------------------------------------------------------------------------
 # picking the source
 
 def _shards_in(folder: str) -> List[str]:
@@ -284,10 +233,41 @@ def _shards_in(folder: str) -> List[str]:
     return [os.path.join(folder, n) for n in names if n.endswith(".tar")]
 
 
+def is_shard_pattern(data_path: str) -> bool:
+    """Whether --data_path names training shards itself: 'D/train-{000000..000127}.tar' or one 'D/x.tar'."""
+    return data_path.endswith(".tar")
+
+
+def pattern_shards(pattern: str, split: str, strict: bool) -> "ShardDataset":
+    """The shards a brace pattern names (the training split only), indexed in <folder>/shards-<hash>.json."""
+    if split != "train":
+        raise UserError(f"--data_path {pattern} names training shards only; for a stage that also evaluates, give a "
+                        f"folder with train/ and val/ shard folders")
+    require_package("braceexpand", "a shard pattern")
+    import braceexpand
+    shards = [os.path.abspath(p) for p in braceexpand.braceexpand(pattern)]
+    missing = [p for p in shards if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"--data_path {pattern}: {len(missing)} of its {len(shards)} shard(s) do not exist, e.g. "
+                        f"{missing[0]}")
+    folders = {os.path.dirname(p) for p in shards}
+    if len(folders) > 1:
+        raise UserError(f"--data_path {pattern} names shards in {len(folders)} folders; keep a pattern's shards in one")
+    digest = hashlib.sha1("\n".join(os.path.basename(p) for p in shards).encode()).hexdigest()[:12]
+    folder = folders.pop()
+    classes = None  # the class names of the folder's make_shards.py index, when it has one
+    if os.path.isfile(os.path.join(folder, SHARD_INDEX)):
+        with open(os.path.join(folder, SHARD_INDEX)) as f:
+            classes = json.load(f).get("classes")
+    return ShardDataset(folder, shards, strict, index_name=f"shards-{digest}.json", classes=classes)
+
+
 def open_split(data_path: str, split: str, strict: bool = False, unlabeled_ok: bool = False,
                image_column: str = "image", label_column: str = "label") -> Dataset:
     """The dataset of `split` ('train' or 'val') under --data_path, from whichever source it holds (see the module
     docstring); `unlabeled_ok`: a training split with no train/ folder is every image under data_path."""
+    if is_shard_pattern(data_path):
+        return pattern_shards(data_path, split, strict)
     if os.path.isfile(os.path.join(data_path, "dataset_dict.json")):
         return HFImages(data_path, split, image_column, label_column, strict)
     folder = os.path.join(data_path, split)
