@@ -80,7 +80,11 @@ def main(args: argparse.Namespace) -> None:
         shards = shards_of(args.index) if os.path.isdir(args.index) else []
         if not shards:
             raise UserError(f"--index {args.index}: no .tar shards there")
-        index = write_shard_index(args.index, shards)
+        try:
+            index = write_shard_index(args.index, shards)
+        except PermissionError:
+            raise UserError(f"--index {args.index}: the folder is not writable; run this as a user who can "
+                            f"write there") from None
         print(f"{os.path.join(args.index, SHARD_INDEX)}: {len(shards)} shard(s), "
               f"{sum(s['nsamples'] for s in index['shardlist'])} samples, {len(index['classes'])} classes")
         return

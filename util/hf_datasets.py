@@ -40,6 +40,10 @@ class HFImages(BadSamplePolicy, Dataset):
         self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.image_column, self.label_column, self.split = image_column, label_column, name
         feature = ds.features[label_column]
+        if not isinstance(feature, datasets.ClassLabel) and not (
+                isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+            raise UserError(f"column '{label_column}' of {root} is not a class label (it is {feature}); name the "
+                            f"label column with --label_column")
         self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else \
             [str(i) for i in range(max(ds[label_column]) + 1)]
         self._track_bad_samples(len(ds), strict)

@@ -31,7 +31,7 @@ from util.datasets import BadSamplePolicy, ImageFolder, load_image, split_folder
 from util.distributed import broadcast_object, is_main_process
 from util.errors import DataError, UserError
 from util.hf_datasets import HFImages
-from util.logger import log
+from util.logger import log, warn
 from util.optional import require_package
 
 SHARD_INDEX = "shards.json"  # next to the shards: wids' shard list (nsamples per shard) plus the class names
@@ -126,7 +126,7 @@ def write_shard_index(folder: str, shards: Sequence[str], classes: Optional[Sequ
         n, labels = scan_shard(path)
         if labels and min(labels) < 0:
             raise DataError(f"shard {path} has samples without a .cls label; write the label of each sample as "
-                            f"<key>.cls (webdataset.TarWriter: 'cls'), or pre-train from it as unlabeled images")
+                            f"<key>.cls (webdataset.TarWriter: 'cls')")
         top = max([top, *labels])
         shardlist.append({"url": os.path.relpath(path, folder), "nsamples": n, **_stamp(path)})
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": shardlist,
@@ -152,10 +152,19 @@ def shard_index(folder: str, shards: Sequence[str], name: str = SHARD_INDEX,
             if listed == [(n, *_stamp(os.path.join(folder, n)).values()) for n in names]:
                 return index
         if not os.access(folder, os.W_OK):
-            raise UserError(f"{folder} holds shards without an up-to-date {SHARD_INDEX} and is read-only: build it "
-                            f"where it can be written with `python make_shards.py --index {folder}`")
-        log(f"Indexing {len(shards)} shard(s) in {folder} (once: {SHARD_INDEX})")
-        return write_shard_index(folder, shards, classes, name=name)
+            raise UserError(f"{folder} holds shards without an up-to-date {SHARD_INDEX} and is read-only: run "
+                            f"`python make_shards.py --index {folder}` as a user who can write there")
+        old = None
+        if os.path.exists(path):
+            with open(path) as f:
+                old = {s["url"]: s["nsamples"] for s in json.load(f)["shardlist"]}
+        log(f"Indexing {len(shards)} shard(s) in {folder} (once: {name})")
+        index = write_shard_index(folder, shards, classes, name=name)
+        changed = [f"{s['url']} ({old[s['url']]} -> {s['nsamples']} samples)" for s in index["shardlist"]
+                   if old is not None and s["url"] in old and old[s["url"]] != s["nsamples"]]
+        if changed:
+            warn(f"shard(s) changed since they were indexed, check they are whole: {', '.join(changed[:5])}")
+        return index
     index = broadcast_object(build() if is_main_process() else None)
     if index is None:  # rank 0 failed: its error is the one to read
         raise DataError(f"rank 0 could not index the shards in {folder}")
