@@ -88,7 +88,12 @@ def loader_stream(args: argparse.Namespace, kind: str) -> Tuple[Iterator, Dict[s
             loader.sampler.set_epoch(epoch)
             yield from loader
 
-    return batches(), {"images": len(dataset), "setup_s": setup_s}
+    return batches(), {"images": len(dataset), "setup_s": setup_s, "source": SOURCE_NAMES.get(type(dataset).__name__,
+                                                                                           type(dataset).__name__)}
+
+
+SOURCE_NAMES = {"ImageFolder": "files", "UnlabeledFolder": "files", "ShardDataset": "shards",
+                "HFImages": "hf dataset"}
 
 
 def data_throughput(args: argparse.Namespace, kind: str = "torch") -> Dict[str, float]:
@@ -124,15 +129,15 @@ def _ratio_line(results: List[Dict[str, float]]) -> Optional[str]:
 
 
 def _with_shards(args: argparse.Namespace) -> List[Dict[str, float]]:
-    """data_throughput of each loader on --data_path; with --shards, then of the torch loader on the same images
+    """data_throughput of each loader on --data_path; with --shards, then of each loader on the same images
     written as WebDataset shards (make_shards.py) in a temporary folder."""
-    results = [{"source": "files", **data_throughput(args, k)} for k in args.data_loader]
+    results = [data_throughput(args, k) for k in args.data_loader]
     if args.shards:
         with tempfile.TemporaryDirectory() as tmp:
             make_shards.write_split(os.path.join(args.data_path, "train"), os.path.join(tmp, "train"), "train",
                                     args.shard_size, 1e9)
-            results.append({"source": "shards", **data_throughput(argparse.Namespace(**{**vars(args),
-                                                                                       "data_path": tmp}), "torch")})
+            on_shards = argparse.Namespace(**{**vars(args), "data_path": tmp})
+            results += [data_throughput(on_shards, k) for k in args.data_loader]
     return results
 
 
@@ -143,13 +148,15 @@ def main_data(args: argparse.Namespace) -> int:
     for r in results:
         print(f"  {r['loader']:>5} ({r['source']}): {r['img_s']:8.1f} img/s ({r['img_s_per_worker']:.1f} per "
               f"worker), set-up {r['setup_s']:.2f} s for {r['images']} images")
-    files = [r for r in results if r["source"] == "files"]
-    if _ratio_line(files):
-        print(f"  {_ratio_line(files)}")
-    shard_rates = [r["img_s"] for r in results if r["source"] == "shards"]
-    torch_files = [r["img_s"] for r in files if r["loader"] == "torch"]
-    if shard_rates and torch_files:
-        print(f"  torch, shards / files: {shard_rates[0] / torch_files[0]:.2f}x")
+    sources = list(dict.fromkeys(r["source"] for r in results))
+    for name in sources:
+        line = _ratio_line([r for r in results if r["source"] == name])
+        if line:
+            print(f"  {line} ({name})")
+    if len(sources) == 2:  # --shards: the same images from the folder and from its shards
+        for kind in args.data_loader:
+            a, b = ([r["img_s"] for r in results if r["source"] == name and r["loader"] == kind] for name in sources)
+            print(f"  {kind}, {sources[1]} / {sources[0]}: {b[0] / a[0]:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "source": source, "results": results}, f, indent=2)
@@ -254,7 +261,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "pre-training for pretrain, ViT fine-tuning for finetune")
     data.add_argument("--shards", action="store_true",
                       help="data mode: also write the training images as WebDataset shards (make_shards.py) in a "
-                           "temporary folder and time the torch loader on them, next to the files")
+                           "temporary folder and time each --data_loader on them, next to the files")
     data.add_argument("--shard_size", type=int, default=1000, help="images per shard for --shards")
     data.add_argument("--data_loader", nargs="+", choices=loaders.LOADERS, default=["torch"],
                       help="the loader(s) to time, one after the other in this process (dali: NVIDIA DALI with "

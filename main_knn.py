@@ -68,7 +68,8 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device).eval()
 
     train_loader, val_loader = knn_loaders(data.data_path, data.input_size, data.batch_size, data.num_workers,
-                                           data.pin_mem, device, strict=data.strict_data)
+                                           data.pin_mem, device, strict=data.strict_data,
+                                           image_column=data.image_column, label_column=data.label_column)
     log(f"k-NN on {len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images")
     results = knn_evaluate(model, train_loader, val_loader, device, ks, settings.knn.temperature,
                            settings.precision.amp)

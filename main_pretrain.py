@@ -168,7 +168,8 @@ def main(args: argparse.Namespace) -> None:
     vis_images = fixed_images(dataset_train, data.input_size) if draws and not settings.dist.fsdp else None
     k = settings.knn
     knn = knn_loaders(k.knn_data_path or data.data_path, data.input_size, data.batch_size, data.num_workers,
-                      data.pin_mem, device, k.knn_max_train, data.strict_data) if k.knn_freq else None
+                      data.pin_mem, device, k.knn_max_train, data.strict_data, data.image_column,
+                      data.label_column) if k.knn_freq else None
 
     run = runner.Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
     log_writer = run.log_writer

@@ -44,6 +44,20 @@ def cls_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shards(cls_data, tmp_path_factory):
+    """cls_data written as WebDataset shards by make_shards.py, 5 samples a shard (train: 5, 5, 2)."""
+    pytest.importorskip("webdataset")
+    pytest.importorskip("wids")
+    import make_shards
+    from helpers import run_entry
+
+    out = tmp_path_factory.mktemp("shards") / "data"
+    proc = run_entry(make_shards, "--data_path", cls_data, "--output_dir", out, "--maxcount", "5")
+    assert "each class's count equal to the folder's" in proc.stdout
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def pretrained(cls_data, tmp_path_factory):
     """checkpoint-0.pth of one epoch of main_pretrain.py (mae_vit_tiny_patch16, 32 px) on cls_data."""
     import main_pretrain

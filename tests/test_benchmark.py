@@ -61,7 +61,17 @@ def test_data_mode_times_generated_jpegs(tmp_path, capsys):
                             "--steps", 2, "--warmup", 1, "--json", out], capsys)
     assert code == 0 and "img/s" in stdout
     result = json.loads(out.read_text())["results"][0]
-    assert result["images"] == 8 and result["img_s"] > 0
+    assert result["images"] == 8 and result["img_s"] > 0 and result["source"] == "files"
+
+
+def test_data_mode_times_the_same_images_as_shards(tmp_path, capsys):
+    pytest.importorskip("wids")
+    out = tmp_path / "data.json"
+    code, stdout, _ = _run(["--mode", "data", "--data_images", 8, "--batch_size", 4, "--num_workers", 0,
+                            "--steps", 2, "--warmup", 1, "--shards", "--shard_size", 3, "--json", out], capsys)
+    results = json.loads(out.read_text())["results"]
+    assert code == 0 and [(r["source"], r["images"]) for r in results] == [("files", 8), ("shards", 8)]
+    assert "torch, shards / files: " in stdout
 
 
 def test_data_mode_errors_are_one_line(tmp_path, capsys):

@@ -87,11 +87,12 @@ def test_knn_help_lists_only_what_applies(capsys):
 
 
 @pytest.mark.e2e
-def test_sharded_extraction_gives_the_single_process_result(cls_data, pretrained):
-    args = [*KNN, "--data_path", cls_data, "--finetune", pretrained, "--nb_knn", "1", "3", "--output_dir", "",
-            "--batch_size", "2"]
-    single = _lines(run_entry(main_knn, *args).stdout)
-    sharded = _lines(run_torchrun(2, "main_knn.py", *args).stdout)
+def test_sharded_extraction_gives_the_single_process_result(cls_data, shards, pretrained):
+    # two processes read the folder's WebDataset shards: the same neighbours, so every image of both splits was
+    # extracted once across the ranks
+    args = [*KNN, "--finetune", pretrained, "--nb_knn", "1", "3", "--output_dir", "", "--batch_size", "2"]
+    single = _lines(run_entry(main_knn, *args, "--data_path", cls_data).stdout)
+    sharded = _lines(run_torchrun(2, "main_knn.py", *args, "--data_path", shards).stdout)
     assert sharded == single and len(single) == 2
 
 

@@ -12,25 +12,23 @@ import torch
 from PIL import Image
 
 import main_finetune
+import main_knn
 import main_pretrain
-import make_shards
 import util.sources as sources
 from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
 from util.datasets import ImageFolder
 from util.samplers import ResumableSampler
 
 COMMON = [*TINY_PRETRAIN, "--batch_size", "2", "--amp", "none", "--log_dir", ""]
+KNN = ["--model", "vit_tiny_patch16", "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--device",
+       "cpu", "--amp", "none"]
+
+
+def _knn_lines(stdout):
+    return [line for line in stdout.splitlines() if "-NN classifier result" in line]
 # the optional data packages (requirements-data.txt; CI installs them)
 pytest.importorskip("webdataset")
 pytest.importorskip("wids")
-
-
-@pytest.fixture(scope="module")
-def shards(cls_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "data"
-    proc = run_entry(make_shards, "--data_path", cls_data, "--output_dir", out, "--maxcount", "5")
-    assert "each class's count equal to the folder's" in proc.stdout
-    return str(out)
 
 
 def _same_samples(a, b):
@@ -123,11 +121,46 @@ def test_shards_of_other_tools_are_indexed_once_and_bad_members_skipped(tmp_path
         sources.open_split(str(tmp_path / "d"), "train")
 
 
+def _dali():
+    dali = pytest.importorskip("util.dali")
+    if not dali.dali_available() and not os.environ.get("REQUIRE_DALI"):  # CI requires it
+        pytest.skip("NVIDIA DALI is not installed (pip install -r requirements-dali.txt)")
+    return dali
+
+
+def test_dali_is_fed_shards_and_hugging_face_rows_as_it_reads_the_folder(cls_data, shards, tmp_path):
+    dali = _dali()
+    _save_hf(cls_data, tmp_path / "hf")
+    recipe = dali.pretrain_aug(32)
+    batches = []
+    for dataset in (ImageFolder(os.path.join(cls_data, "train")), sources.open_split(shards, "train"),
+                    sources.open_split(str(tmp_path / "hf"), "train")):
+        loader = dali.dali_train_loader(dataset, recipe, 4, 1, 0, torch.device("cpu"))
+        loader.sampler.set_epoch(1)
+        batches.append([(x.clone(), y.clone()) for x, y in loader])
+    assert len(batches[0]) == 3 and batches[0][0][0].dtype == torch.float32 and batches[0][0][1].dtype == torch.int64
+    for other in batches[1:]:  # the same samples, order, labels and random crops, bit for bit
+        assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(batches[0], other))
+
+
+def test_dali_skips_a_damaged_shard_member_as_the_torch_loader_does(tmp_path):
+    dali = _dali()
+    folder = tmp_path / "d" / "train"
+    folder.mkdir(parents=True)
+    _write_shard(folder / "a.tar", [("x/0.png", _png(10)), ("x/0.cls", b"0"), ("x/1.jpg", b"\xff\xd8 damaged"),
+                                    ("x/1.cls", b"1"), ("x/2.png", _png(30)), ("x/2.cls", b"2")])
+    dataset = sources.open_split(str(tmp_path / "d"), "train")
+    loader = dali.dali_eval_loader(dataset, dali.eval_aug(32), 3, 1, False, torch.device("cpu"))
+    (images, labels), = list(loader)
+    assert labels.tolist() == [0, 2, 2] and dataset.skipped == 1  # replaced by the next readable one, as load() does
+    assert torch.equal(images[1], images[2])
+    strict = sources.open_split(str(tmp_path / "d"), "train", strict=True)
+    with pytest.raises(sources.DataError, match=r"a.tar \(sample 1\).*--strict_data"):
+        list(dali.dali_eval_loader(strict, dali.eval_aug(32), 3, 1, False, torch.device("cpu")))
+
+
 @pytest.mark.e2e
 def test_shard_and_source_errors_are_one_line(shards, tmp_path, cls_data):
-    proc = run_entry(main_pretrain, *COMMON, "--epochs", "1", "--data_path", shards, "--data_loader", "dali",
-                     "--output_dir", "", check=False)
-    assert proc.returncode == 2 and "--data_loader torch" in proc.stderr and len(proc.stderr.splitlines()) == 1
     unlabeled = tmp_path / "photos"
     (unlabeled / "deep" / "er").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(unlabeled / "deep" / "er" / "a.png")
@@ -175,6 +208,10 @@ def test_a_hugging_face_dataset_fine_tunes_as_its_folder(cls_data, pretrained, t
     a, b = load(tmp_path / "folder" / "checkpoint-0.pth"), load(tmp_path / "hf_out" / "checkpoint-0.pth")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert read_log(tmp_path / "folder") == read_log(tmp_path / "hf_out")
+    knn = [*KNN, "--finetune", pretrained, "--nb_knn", "1", "3", "--output_dir", ""]  # and k-NN reads it too
+    hf = run_entry(main_knn, *knn, "--data_path", tmp_path / "hf", "--image_column", "img", "--label_column", "y")
+    folder = run_entry(main_knn, *knn, "--data_path", cls_data)
+    assert _knn_lines(hf.stdout) == _knn_lines(folder.stdout) and len(_knn_lines(folder.stdout)) == 2
 
 
 def test_a_brace_pattern_names_training_shards(cls_data, shards):

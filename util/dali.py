@@ -13,18 +13,19 @@ that passes the check but that DALI cannot decode stops the run with one line na
 (`--device cpu`) the pipelines run DALI's CPU operators. This module is imported only when a DALI loader is
 built (util/loaders.py), and NVIDIA DALI only when a pipeline is.
 """
+import io
 import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
-from util.dali_graph import PREFETCH, PipelineFactory, dali_plan, epoch_seed, parse_rand_augment  # noqa: F401
+from util.dali_graph import FED_INPUT, PREFETCH, PipelineFactory, dali_plan, epoch_seed, parse_rand_augment  # noqa: F401
 from util.datasets import READ_ERRORS, ImageFolder
 from util.distributed import all_gather_objects, get_rank, get_world_size
 from util.errors import DataError
@@ -58,19 +59,23 @@ def eval_aug(input_size: int) -> Recipe:
 # ----------------------------------------------------------------------------
 # unreadable files, found before DALI meets them
 
-def check_image(path: str) -> Optional[str]:
-    """None when `path` reads as an image, else why not.
+def check_image(source: Union[str, bytes]) -> Optional[str]:
+    """None when `source` (a file, or an image's encoded bytes) reads as an image, else why not.
 
     A JPEG is checked by its header and its end-of-image marker (no decoding: a truncated copy, the
-    usual damage, lacks the marker); any other file, or a JPEG without the marker, is decoded in full.
+    usual damage, lacks the marker); any other image, or a JPEG without the marker, is decoded in full.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             if img.format == "JPEG":
-                with open(path, "rb") as f:
-                    f.seek(-2, os.SEEK_END)
-                    if f.read(2) == b"\xff\xd9":
+                if isinstance(source, bytes):
+                    if source[-2:] == b"\xff\xd9":
                         return None
+                else:
+                    with open(source, "rb") as f:
+                        f.seek(-2, os.SEEK_END)
+                        if f.read(2) == b"\xff\xd9":
+                            return None
             img.load()
         return None
     except READ_ERRORS as e:
@@ -143,61 +148,138 @@ def decode_failure(e: BaseException, files: Sequence[str], step: int, batch_size
     return f"DALI could not decode {where} ({reason[:200]}); remove or replace the file, or use --data_loader torch"
 
 
+def reads_files(dataset: Any) -> bool:
+    """Whether DALI reads `dataset` as image files (ImageFolder, an unlabeled folder: `samples`), or is fed its
+    samples' encoded bytes (shards, Hugging Face datasets: `encoded`)."""
+    return hasattr(dataset, "samples")
+
+
+class Feed:
+    """Fills a fed pipeline's input (FED_INPUT) with one pass's samples, a batch at a time, in `order`.
+
+    Each sample's encoded bytes come from dataset.encoded(i) and are checked as check_image checks a file; an
+    unreadable sample goes through the dataset's bad-sample policy and is replaced by the next readable one
+    (as BadSamplePolicy.load does). `fed` keeps the indices of each batch (for messages), `labels` their labels.
+    """
+
+    def __init__(self, dataset: Any, order: Sequence[int], batch_size: int):
+        self.dataset = dataset
+        self.batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        self.fed: List[List[int]] = []
+        self.labels: List[torch.Tensor] = []  # of each fed batch: batch k comes out of the pipeline k-th
+
+    def sample(self, index: int) -> Tuple[np.ndarray, int, int]:
+        n = len(self.dataset)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            if self.dataset.is_flagged(i):
+                continue
+            try:
+                data, label = self.dataset.encoded(i)
+                err = check_image(data)
+            except READ_ERRORS as e:
+                err = str(e) or type(e).__name__
+            if err is None:
+                return np.frombuffer(data, dtype=np.uint8), label, i
+            self.dataset.unreadable(i, err)
+        raise DataError(f"no readable image in {self.dataset.root}")
+
+    def __call__(self, pipe: Any) -> None:
+        if len(self.fed) == len(self.batches):
+            raise StopIteration  # the end of the pass, for DALI's iterator
+        picked = [self.sample(int(i)) for i in self.batches[len(self.fed)]]
+        self.fed.append([i for _, _, i in picked])
+        self.labels.append(torch.tensor([label for _, label, _ in picked], dtype=torch.int64))
+        pipe.feed_input(FED_INPUT, [data for data, _, _ in picked])
+
+    def failure(self, e: BaseException, step: int) -> str:
+        """One line naming the sample DALI could not decode at batch `step` (decoded in full with PIL)."""
+        window = [i for batch in self.fed[step:step + 1 + PREFETCH] for i in batch]
+        for i in window:
+            try:
+                Image.open(io.BytesIO(self.dataset.encoded(i)[0])).load()
+            except READ_ERRORS as err:
+                return (f"DALI could not decode {self.dataset.describe(i)} ({str(err)[:200]}); remove or replace it, "
+                        f"or use --data_loader torch")
+        batch = [self.dataset.describe(i) for i in (self.fed[step] if step < len(self.fed) else [])[:4]]
+        return (f"DALI could not decode one of {', '.join(batch) or 'this batch'} ({str(e).splitlines()[-1][:200]}); "
+                f"remove or replace it, or use --data_loader torch")
+
+
 class DaliLoader:
     """(images, labels) batches from a DALI pipeline, with the DataLoader attributes the training loop uses.
 
-    `dataset` (the ImageFolder: its files, labels and skipped count), `sampler` (the torch loader's: the
-    same per-epoch order, set_epoch / order / resume_from), `batch_size`, `len()`. Images come out
-    normalised, float32, NCHW, on `device`; labels int64 [N].
+    `dataset` (an ImageFolder, whose files DALI reads, or a source that gives encoded bytes: util/sources.py),
+    `sampler` (the torch loader's: the same per-epoch order, set_epoch / order / resume_from), `batch_size`,
+    `len()`. Images come out normalised, float32, NCHW, on `device`; labels int64 [N].
     """
 
-    def __init__(self, dataset: ImageFolder, sampler: Sampler, aug: Recipe, batch_size: int, num_threads: int,
+    def __init__(self, dataset: Any, sampler: Sampler, aug: Recipe, batch_size: int, num_threads: int,
                  device: torch.device, seed: int, drop_last: bool, bad: Sequence[int] = ()):
         self.dataset, self.sampler, self.aug = dataset, sampler, aug
         self.batch_size, self.num_threads, self.seed, self.drop_last = batch_size, num_threads, seed, drop_last
         self.device = device
         self.device_id = _device_id(device)
-        self._substitute = substitutes(len(dataset.samples), bad)
+        self._substitute = substitutes(len(dataset.samples), bad) if reads_files(dataset) else None
         self._factory = PipelineFactory(aug, batch_size, num_threads, self.device_id)
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def files(self) -> Tuple[List[str], List[int]]:
-        """This pass's files and labels, in order (unreadable ones replaced as ImageFolder.load does)."""
+    def order(self) -> List[int]:
+        """This pass's sample indices, in order (drop_last applied)."""
         order = list(iter(self.sampler))
         if self.drop_last:
             order = order[:len(order) // self.batch_size * self.batch_size]
+        return order
+
+    def files(self) -> Tuple[List[str], List[int]]:
+        """This pass's files and labels, in order (unreadable ones replaced as ImageFolder.load does)."""
         samples = self.dataset.samples
-        picked = [samples[int(self._substitute[i])] for i in order]
+        picked = [samples[int(self._substitute[i])] for i in self.order()]
         return [p for p, _ in picked], [t for _, t in picked]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        files, labels = self.files()
-        if not files:
-            return
+        seed = epoch_seed(self.seed, get_rank(), getattr(self.sampler, "epoch", 0))
+        feed: Optional[Feed] = None
+        if reads_files(self.dataset):
+            files, labels = self.files()
+            if not files:
+                return
+            pipe = self._factory.build(files, labels, seed)
+        else:
+            order = self.order()
+            if not order:
+                return
+            feed = Feed(self.dataset, order, self.batch_size)
+            pipe = self._factory.build_fed(seed, feed)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        epoch = getattr(self.sampler, "epoch", 0)
-        pipe = self._factory.build(files, labels, epoch_seed(self.seed, get_rank(), epoch))
         batches = None
         step = 0
         try:
             while True:
                 try:
                     if batches is None:  # inside the try: the constructor already runs the first batch
-                        batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
-                                                      auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL)
+                        if feed is None:
+                            batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
+                                                          auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL)
+                        else:
+                            batches = DALIGenericIterator([pipe], ["seed_pad", "images"], auto_reset=False,
+                                                          last_batch_policy=LastBatchPolicy.PARTIAL)
                     out = next(batches)[0]
                 except StopIteration:
                     return
                 except RuntimeError as e:
                     if not is_decode_error(e):
                         raise
-                    raise DataError(decode_failure(e, files, step, self.batch_size)) from None
+                    message = decode_failure(e, files, step, self.batch_size) if feed is None else \
+                        feed.failure(e, step)
+                    raise DataError(message) from None
+                labels = out["labels"].view(-1).long() if feed is None else feed.labels[step].to(out["images"].device)
                 step += 1
-                yield out["images"], out["labels"].view(-1).long()
+                yield out["images"], labels
         finally:
             del batches, pipe
 
@@ -208,21 +290,21 @@ def _device_id(device: torch.device) -> Optional[int]:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def dali_train_loader(dataset: ImageFolder, aug: Recipe, batch_size: int, num_threads: int, seed: int,
+def dali_train_loader(dataset: Any, aug: Recipe, batch_size: int, num_threads: int, seed: int,
                       device: torch.device) -> DaliLoader:
     """The DALI counterpart of util.datasets.train_loader: the same sampler, drop_last, files checked first."""
     require_dali()
     dali_plan(aug)
     sampler = train_sampler(dataset, batch_size, seed)
-    bad = scan_images(dataset, num_threads)
+    bad = scan_images(dataset, num_threads) if reads_files(dataset) else ()  # fed samples: checked as fed
     log(f"DALI loader ({'GPU' if device.type == 'cuda' else 'CPU'} decoding, {max(1, num_threads)} threads)")
     return DaliLoader(dataset, sampler, aug, batch_size, num_threads, device, seed, drop_last=True, bad=bad)
 
 
-def dali_eval_loader(dataset: ImageFolder, aug: Recipe, batch_size: int, num_threads: int, dist_eval: bool,
+def dali_eval_loader(dataset: Any, aug: Recipe, batch_size: int, num_threads: int, dist_eval: bool,
                      device: torch.device) -> DaliLoader:
     """The DALI counterpart of util.datasets.eval_loader: sequential, or every image once across ranks."""
     require_dali()
     sampler = eval_sampler(dataset, dist_eval)
-    bad = scan_images(dataset, num_threads)
+    bad = scan_images(dataset, num_threads) if reads_files(dataset) else ()
     return DaliLoader(dataset, sampler, aug, batch_size, num_threads, device, seed=0, drop_last=False, bad=bad)

@@ -15,6 +15,7 @@ References:
     RandAugment: https://arxiv.org/abs/1909.13719
     timm: https://github.com/huggingface/pytorch-image-models
 """
+import functools
 import math
 import os
 import re
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -160,10 +161,15 @@ def _erase(images: Any, reprob: float, noise: bool) -> Any:
     return images * keep + fn.random.normal(images) * (1.0 - keep)
 
 
-def define_pipeline(file_list: str, aug: Recipe, batch_size: int, num_threads: int, device_id: Optional[int],
-                    seed: int) -> Any:
-    """A built DALI pipeline over the files of `file_list` ("path label" lines) in that order: outputs
-    (images [N, 3, S, S] float32, labels [N, 1]).
+FED_INPUT = "encoded"  # the fed pipeline's input: each sample's encoded bytes (uint8 [B])
+
+
+def define_pipeline(file_list: Optional[str], aug: Recipe, batch_size: int, num_threads: int,
+                    device_id: Optional[int], seed: int, feed: Optional[Callable[[Any], None]] = None) -> Any:
+    """A built DALI pipeline over the files of `file_list` ("path label" lines) in that order, or, with
+    file_list None, over what `feed(pipeline)` gives the input FED_INPUT before each batch (it raises
+    StopIteration at the end of the pass); outputs (images [N, 3, S, S] float32, labels [N, 1]), or, fed,
+    (a placeholder, images): the feed keeps the labels.
 
     device_id None: CPU operators only; otherwise decoding on that GPU ("mixed") and the rest there too.
     """
@@ -179,7 +185,14 @@ def define_pipeline(file_list: str, aug: Recipe, batch_size: int, num_threads: i
 
     @pipeline_def(enable_conditionals=rand_augment is not None)
     def pipeline():
-        encoded, label = fn.readers.file(file_list=file_list, random_shuffle=False, name="reader")
+        if file_list is not None:
+            encoded, label = fn.readers.file(file_list=file_list, random_shuffle=False, name="reader")
+        else:
+            # the labels stay with the feed; the file reader draws one of the pipeline's operator seeds and an
+            # external source none, so a throwaway coin flip, first in the graph (the first output), draws it:
+            # the random operators after it draw the seeds they draw over files, and a shard's crops equal its file's
+            seed_pad = fn.random.coin_flip(probability=0.0)
+            encoded, label = fn.external_source(name=FED_INPUT, dtype=types.UINT8, ndim=1), None
         decoder = "mixed" if gpu else "cpu"
         mirror = fn.random.coin_flip(probability=aug.hflip) if aug.train and aug.hflip > 0 else 0
         crop: Dict[str, Any] = {}
@@ -205,12 +218,16 @@ def define_pipeline(file_list: str, aug: Recipe, batch_size: int, num_threads: i
                                           mirror=mirror, **crop)
         if aug.reprob > 0:
             images = _erase(images, aug.reprob, aug.erase_noise)
+        if label is None:
+            return seed_pad, images
         return images, (label.gpu() if gpu else label)
 
     with warnings.catch_warnings():  # DALI's own augmentation library still calls its deprecated aliases
         warnings.simplefilter("ignore", DeprecationWarning)
         pipe = pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
                         prefetch_queue_depth=PREFETCH)
+        if feed is not None:
+            pipe.iter_setup = functools.partial(feed, pipe)  # called before each batch is scheduled (prefetch too)
         pipe.build()
     return pipe
 
@@ -236,9 +253,16 @@ class PipelineFactory:
         # absolute paths: DALI resolves the list's entries relative to the list's own (temporary) folder
         with open(self.file_list, "w", encoding="utf-8") as f:
             f.writelines(f"{os.path.abspath(path)} {label}\n" for path, label in zip(files, labels))
+        return self._build(self.file_list, seed, None)
+
+    def build_fed(self, seed: int, feed: Callable[[Any], None]) -> Any:
+        """A built pipeline whose input (FED_INPUT) `feed(pipeline)` fills before each batch, with this seed."""
+        return self._build(None, seed, feed)
+
+    def _build(self, file_list: Optional[str], seed: int, feed: Optional[Callable[[Any], None]]) -> Any:
         if self._serialized is None:
-            pipe = define_pipeline(self.file_list, self.aug, self.batch_size, self.num_threads, self.device_id,
-                                   seed)
+            pipe = define_pipeline(file_list, self.aug, self.batch_size, self.num_threads, self.device_id, seed,
+                                   feed)
             self._serialized = pipe.serialize()
             # deserialize falls back to the synchronous executor unless told otherwise: keep the first build's
             self._executor = {k: bool(getattr(pipe, k)) for k in ("exec_pipelined", "exec_async", "exec_dynamic")}
@@ -248,5 +272,7 @@ class PipelineFactory:
         pipe = Pipeline.deserialize(serialized_pipeline=self._serialized, batch_size=self.batch_size,
                                     num_threads=max(1, self.num_threads), device_id=self.device_id, seed=seed,
                                     prefetch_queue_depth=PREFETCH, **self._executor)
+        if feed is not None:
+            pipe.iter_setup = functools.partial(feed, pipe)
         pipe.build()
         return pipe

@@ -85,6 +85,10 @@ class BadSamplePolicy:
         """Number of distinct unreadable samples found so far (all loader workers)."""
         return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
+    def is_flagged(self, index: int) -> bool:
+        """Whether sample `index` was found unreadable."""
+        return bool(self._bad[index])
+
     def unreadable(self, index: int, reason: str, every_rank: bool = True) -> None:
         """With `strict` a DataError naming the sample; otherwise the sample is flagged (counted by `skipped`,
         replaced by the next readable one) and named in a warning the first time (by the rank that met it, or

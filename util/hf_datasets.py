@@ -4,7 +4,7 @@ The images are read as their encoded bytes and decoded by util.datasets.load_ima
 files; `datasets` is optional (requirements-data.txt) and imported when such a folder is opened.
 """
 import io
-from typing import Any
+from typing import Any, Tuple
 
 from torch.utils.data import Dataset
 
@@ -51,11 +51,20 @@ class HFImages(BadSamplePolicy, Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def read(self, index: int) -> Any:
+    def encoded(self, index: int) -> Tuple[bytes, int]:
+        """(the image's encoded bytes, the label) of row `index`, undecoded (what the DALI loader feeds)."""
         row = self.ds[index]
         image = row[self.image_column]
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-        return load_image(source), int(row[self.label_column])
+        if image.get("bytes"):
+            return image["bytes"], int(row[self.label_column])
+        if not image.get("path"):
+            raise ValueError("no image in this row (neither bytes nor a path)")
+        with open(image["path"], "rb") as f:
+            return f.read(), int(row[self.label_column])
+
+    def read(self, index: int) -> Any:
+        data, label = self.encoded(index)
+        return load_image(io.BytesIO(data)), label
 
     def describe(self, index: int) -> str:
         return f"row {index} of the {self.split} split of {self.root}"

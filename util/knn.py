@@ -157,13 +157,18 @@ def knn_ks(values: List[int]) -> List[int]:
 
 
 def knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: int, pin_mem: bool,
-                device: torch.device, max_train: int = 0, strict: bool = False) -> Tuple[Any, Any]:
-    """Sharded evaluation loaders (util/loaders.py, torch) of data_path/train (a fixed random subset of max_train
-    images, if set) and data_path/val, resized and center-cropped as evaluation is."""
-    if not os.path.isdir(os.path.join(data_path, "val")):
-        raise UserError(f"k-NN evaluation needs {os.path.join(data_path, 'val')}: an ImageFolder with train/ and "
-                        f"val/ (--data_path of main_knn.py, --knn_data_path of main_pretrain.py)")
-    train, val = (open_split(data_path, split, strict) for split in ("train", "val"))
+                device: torch.device, max_train: int = 0, strict: bool = False, image_column: str = "image",
+                label_column: str = "label") -> Tuple[Any, Any]:
+    """Sharded evaluation loaders (util/loaders.py, torch) of the train split (a fixed random subset of max_train
+    images, if set) and the val split of data_path (any labelled source of util/sources.py), resized and
+    center-cropped as evaluation is."""
+    is_hf = os.path.isfile(os.path.join(data_path, "dataset_dict.json"))
+    if not is_hf and not os.path.isdir(os.path.join(data_path, "val")):
+        raise UserError(f"k-NN evaluation needs {os.path.join(data_path, 'val')}: train/ and val/ class folders or "
+                        f"shards, or a Hugging Face save_to_disk folder (--data_path of main_knn.py, --knn_data_path "
+                        f"of main_pretrain.py)")
+    train, val = (open_split(data_path, split, strict, image_column=image_column, label_column=label_column)
+                  for split in ("train", "val"))
     check_same_classes(train, val)
     if max_train and len(train) > max_train:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values

@@ -11,7 +11,9 @@ bytes; fine-tuning's training recipe excepted, whose random erasing works on nor
 `DeviceBatches` moves each batch to the device and normalises it there. The engines' own `normalize_images` call
 is for callers that hand them a plain DataLoader of uint8 images; for these loaders it does nothing.
 Building a torch loader sets the dataset's transform to the recipe's: one dataset, one loader.
-dali: the pipeline decodes, augments and normalises on the device itself (util/dali.py, imported only then).
+dali: the pipeline decodes, augments and normalises on the device itself (util/dali.py, imported only then); it
+reads a folder's image files itself, and is fed the encoded bytes of shards and Hugging Face datasets in the
+sampler's order.
 """
 from typing import Any, Iterator, Tuple
 
@@ -56,12 +58,12 @@ class DeviceBatches:
 
 
 def _dali_can_read(dataset: Any) -> None:
-    """DALI reads image files (ImageFolder, an unlabeled folder); shards and Hugging Face datasets are read by
-    the torch loader."""
+    """DALI reads image files (ImageFolder, an unlabeled folder: `samples`) or is fed encoded bytes (shards,
+    Hugging Face datasets: `encoded`)."""
     require_dali()
-    if not hasattr(dataset, "samples"):
-        raise UserError(f"--data_loader dali reads image files; {type(dataset).__name__} ({dataset.root}) is read "
-                        f"with --data_loader torch")
+    if not (hasattr(dataset, "samples") or hasattr(dataset, "encoded")):
+        raise UserError(f"--data_loader dali cannot read {type(dataset).__name__} ({dataset.root}); use "
+                        f"--data_loader torch")
 
 
 def _render_for_torch(dataset: Any, recipe: Recipe) -> None:

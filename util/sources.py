@@ -12,8 +12,9 @@ and a Hugging Face dataset saved with `save_to_disk`.
   every image under D, at any depth, label 0.
 
 Every source is a BadSamplePolicy dataset with `classes`, `root`, `read`, `describe` and `fingerprint`
-(what a mid-epoch position is checked against). Only ImageFolder and the unlabeled folder have image files DALI can
-read (`samples`); the other sources are read by `--data_loader torch`. webdataset / wids and datasets are
+(what a mid-epoch position is checked against). ImageFolder and the unlabeled folder have image files (`samples`),
+which DALI's file reader reads; shards and Hugging Face datasets give each sample's encoded bytes (`encoded`), which
+the DALI loader feeds to its decoder in the sampler's order. webdataset / wids and datasets are
 optional (requirements-data.txt) and imported when such a source is opened.
 """
 import contextlib
@@ -203,7 +204,8 @@ class ShardDataset(BadSamplePolicy, Dataset):
             self._reader_pid = os.getpid()
         return self._reader
 
-    def read(self, index: int) -> Any:
+    def encoded(self, index: int) -> Tuple[bytes, int]:
+        """(the image's encoded bytes, the label) of sample `index`, undecoded (what the DALI loader feeds)."""
         sample = self._samples()[index]
         image = next((sample[f".{k}"] for k in IMAGE_KEYS if f".{k}" in sample), None)
         if image is None:
@@ -211,7 +213,11 @@ class ShardDataset(BadSamplePolicy, Dataset):
         label = sample.get(".cls")
         if label is None:
             raise DataError(f"sample {sample['__key__']} of {sample['__shard__']} has no .cls label")
-        return load_image(image), int(label.read().decode().strip())
+        return image.read(), int(label.read().decode().strip())
+
+    def read(self, index: int) -> Any:
+        data, label = self.encoded(index)
+        return load_image(io.BytesIO(data)), label
 
     def describe(self, index: int) -> str:
         start = 0
