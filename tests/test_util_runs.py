@@ -35,6 +35,15 @@ def test_settings_that_may_change_and_the_effective_batch():
     assert runs.differences({"blr": 1e-3}, {"blr": 1e-3, "new_flag": 1}) == []
 
 
+def test_a_link_to_the_data_is_the_same_data_and_unread_columns_do_not_count(tmp_path):
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    run = dict(data_path=str(tmp_path / "data"), image_column="image", label_column="label")
+    assert runs.differences(run, dict(run, data_path=str(tmp_path / "link"), image_column="img")) == []
+    (tmp_path / "data" / "dataset_dict.json").write_text("{}")  # a Hugging Face dataset: its columns count
+    assert runs.differences(run, dict(run, image_column="img")) == ["--image_column 'image' there, 'img' here"]
+
+
 def test_entry_of_a_checkpoint_recorded_or_told_from_its_weights():
     w = torch.zeros(1)
     assert runs.entry_of({"args": {"entry": "main_linprobe"}, "model": {}}) == "main_linprobe"

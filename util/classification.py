@@ -11,7 +11,7 @@ import torch
 import util.loaders as loaders
 from engine_finetune import evaluate, train_one_epoch
 from util.config import Settings
-from util.datasets import check_same_classes
+from util.datasets import ImageFolder, check_same_classes
 from util.errors import UserError
 from util.logger import log
 from util.recipes import Recipe
@@ -33,7 +33,8 @@ def classification_data(settings: Settings, train_recipe: Optional[Recipe], val_
     check_same_classes(dataset_train, dataset_val)
     n_found = len(dataset_train.classes)
     if settings.model.nb_classes < n_found:
-        raise UserError(f"--nb_classes {settings.model.nb_classes} is smaller than the {n_found} class folders in "
+        what = "class folders" if isinstance(dataset_train, ImageFolder) else "classes"
+        raise UserError(f"--nb_classes {settings.model.nb_classes} is smaller than the {n_found} {what} in "
                         f"{dataset_train.root}; use --nb_classes {n_found}")
     loader_train = None
     if not settings.ckpt.eval:

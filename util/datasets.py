@@ -166,9 +166,10 @@ def check_same_classes(train: Dataset, val: Dataset) -> None:
     train_classes, val_classes = (getattr(d, "dataset", d).classes for d in (train, val))
     if train_classes != val_classes:
         only = sorted(set(train_classes) ^ set(val_classes))
-        raise UserError(f"train/ and val/ hold different class folders ({', '.join(only[:5]) or 'in another order'}"
+        what = "class folders" if isinstance(getattr(train, "dataset", train), ImageFolder) else "classes"
+        raise UserError(f"train/ and val/ hold different {what} ({', '.join(only[:5]) or 'in another order'}"
                         f"{', ...' if len(only) > 5 else ''}): the labels would not match; give both the same "
-                        f"class folders")
+                        f"{what}")
 
 
 def split_folder(data_path: str, split: str) -> str:

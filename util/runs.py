@@ -43,7 +43,9 @@ MAY_CHANGE = frozenset({
     # the submitit launchers' own flags
     "ngpus", "nodes", "timeout", "job_dir", "partition", "use_volta32", "comment", "cluster",
 })
-PATHS = ("data_path", "finetune")  # compared as absolute paths (older checkpoints recorded them as given)
+PATHS = ("data_path", "finetune")  # compared as real paths: absolute (older checkpoints recorded them as given),
+# with symbolic links resolved (a link to the data is the same data)
+HF_COLUMNS = ("image_column", "label_column")  # run-defining only where --data_path is a Hugging Face dataset
 # settings that older versions saved as None (meaning: the model's or the stage's default) and that are now
 # resolved before they are recorded: a None saved then is not a difference
 RESOLVED_SINCE = frozenset({"crop_scale", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"})
@@ -56,7 +58,11 @@ def settings_of(args: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: v for k, v in args.items() if k not in MAY_CHANGE}
     for k in PATHS:
         if isinstance(out.get(k), str) and out[k] and "://" not in out[k]:
-            out[k] = os.path.abspath(out[k])  # recorded absolute since; older relative ones from here
+            out[k] = os.path.realpath(out[k])  # recorded absolute since; older relative ones from here
+    if not (isinstance(out.get("data_path"), str) and os.path.isfile(os.path.join(out["data_path"],
+                                                                                  "dataset_dict.json"))):
+        for k in HF_COLUMNS:  # not read from other sources
+            out.pop(k, None)
     if all(isinstance(args.get(k), int) for k in ("batch_size", "accum_iter", "world_size")):
         out[EFF_BATCH] = args["batch_size"] * args["accum_iter"] * args["world_size"]
     return out
