@@ -103,7 +103,8 @@ def main(args: argparse.Namespace) -> dict:
 
     model = runner.build_model(models_vit.create_model, m.model, num_classes=m.nb_classes,
                                drop_path_rate=m.drop_path, global_pool=m.global_pool, img_size=data.input_size,
-                               attn=settings.precision.attn, patch_embed=settings.precision.patch_embed)
+                               in_chans=data.in_chans, attn=settings.precision.attn,
+                               patch_embed=settings.precision.patch_embed)
     runner.check_input_size(data.input_size, model)
     # the training augmentation only when training: an --aa that DALI cannot run must not stop an --eval run
     data_loader_train, data_loader_val = classification_data(

@@ -61,6 +61,7 @@ def main(args: argparse.Namespace) -> dict:
     device, m, data = settings.device, settings.model, settings.data
 
     model = runner.build_model(models_vit.create_model, m.model, num_classes=0, global_pool=m.global_pool,
+                               in_chans=data.in_chans,
                                img_size=data.input_size, attn=settings.precision.attn,
                                patch_embed=settings.precision.patch_embed)
     runner.check_input_size(data.input_size, model)
@@ -69,7 +70,8 @@ def main(args: argparse.Namespace) -> dict:
 
     train_loader, val_loader = knn_loaders(data.data_path, data.input_size, data.batch_size, data.num_workers,
                                            data.pin_mem, device, strict=data.strict_data,
-                                           image_column=data.image_column, label_column=data.label_column)
+                                           image_column=data.image_column, label_column=data.label_column,
+                                           in_chans=data.in_chans, mean=data.mean, std=data.std)
     log(f"k-NN on {len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images")
     results = knn_evaluate(model, train_loader, val_loader, device, ks, settings.knn.temperature,
                            settings.precision.amp)

@@ -39,8 +39,8 @@ def main(args: argparse.Namespace) -> dict:
     device, m, data = settings.device, settings.model, settings.data
 
     model = runner.build_model(models_vit.create_model, m.model, num_classes=m.nb_classes,
-                               global_pool=m.global_pool, img_size=data.input_size, attn=settings.precision.attn,
-                               patch_embed=settings.precision.patch_embed)
+                               global_pool=m.global_pool, img_size=data.input_size, in_chans=data.in_chans,
+                               attn=settings.precision.attn, patch_embed=settings.precision.patch_embed)
     runner.check_input_size(data.input_size, model)
     data_loader_train, data_loader_val = classification_data(
         settings, linprobe_recipe(True, data.input_size, data.hflip, settings.crop_scale),

@@ -6,9 +6,10 @@ References:
 """
 import argparse
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import param_groups_weight_decay
 
 import models_mae
@@ -26,9 +27,9 @@ from util.knn import encoder_features, knn_evaluate, knn_loaders
 from util.logger import log
 from util.masking import MASK_TYPES, check_mask_type
 from util.precision import make_loss_scaler
-from util.recipes import PRETRAIN_AUGS, pretrain_recipe
-from util.transforms import eval_transform
-from util.visualize import draw_reconstructions, reconstruct
+from util.recipes import PRETRAIN_AUGS, eval_recipe, pretrain_recipe
+from util.transforms import torch_transform
+from util.visualize import draw_reconstructions, reconstruct, shown_channels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g["ours"].add_argument("--vis_freq", default=20, type=int, metavar="N",
                            help="log reconstructions of 8 fixed training images to TensorBoard every N epochs "
                                 "(and at the last); 0 turns it off")
+    g["ours"].add_argument("--vis_channels", default="",
+                           help="what the reconstructions show of images with other than 3 channels: three channel "
+                                "numbers as an RGB composite (e.g. 3,2,1), or 'grey' for every channel in grey "
+                                "(default: 1 channel grey, 3 as RGB, more: channels 0,1,2)")
     return parser
 
 
@@ -95,18 +100,24 @@ def decoder_sizes(m: ModelSettings) -> Dict[str, int]:
     return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
-def fixed_images(dataset, input_size: int, n: int = 8) -> torch.Tensor:
-    """n training images spread over the set, resized and center-cropped (no random augmentation)."""
-    transform = eval_transform(input_size)
+def fixed_images(dataset, input_size: int, n: int = 8, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """n training images spread over the set, resized and center-cropped (no random augmentation), normalised
+    with mean and std."""
+    transform = torch_transform(eval_recipe(input_size).normalized(mean, std).for_dataset(dataset), normalize=True)
     step = max(len(dataset) // n, 1)
     picks = list(range(0, len(dataset), step))[:n]
     return torch.stack([transform(dataset.load(i)[0]) for i in picks])
 
 
 def log_reconstructions(log_writer, model: torch.nn.Module, images: torch.Tensor, epoch: int,
-                        mask_ratio: float, device: torch.device) -> None:
-    """Write the original | masked | reconstruction | pasted figure to TensorBoard as 'reconstruction'."""
-    figure = draw_reconstructions(reconstruct(model, images.to(device), mask_ratio=mask_ratio, seed=0), mask_ratio)
+                        mask_ratio: float, device: torch.device, data: Optional[Any] = None,
+                        channels: Union[str, Sequence[int], None] = None) -> None:
+    """Write the original | masked | reconstruction | pasted figure to TensorBoard as 'reconstruction' (`data`:
+    the DataSettings whose mean and std normalised the images; `channels`: util.visualize.shown_channels)."""
+    stats = {} if data is None else {"mean": data.mean, "std": data.std}
+    figure = draw_reconstructions(reconstruct(model, images.to(device), mask_ratio=mask_ratio, seed=0), mask_ratio,
+                                  channels=channels, **stats)
     log_writer.add_image("reconstruction", figure.pixels, epoch, dataformats="HWC")
 
 
@@ -131,7 +142,7 @@ def main(args: argparse.Namespace) -> None:
 
     # define the model first: a wrong name or size fails before any data is read
     model = runner.build_model(models_mae.create_model, m.model, norm_pix_loss=m.norm_pix_loss,
-                               img_size=data.input_size, attn=settings.precision.attn,
+                               img_size=data.input_size, in_chans=data.in_chans, attn=settings.precision.attn,
                                patch_embed=settings.precision.patch_embed, mask_type=m.mask_type,
                                encoder_mask_token=m.encoder_mask_token, loss_on_visible=m.loss_on_visible,
                                decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
@@ -143,9 +154,10 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--mask_type {m.mask_type}: {e}") from None
 
     dataset_train = open_split(data.data_path, "train", data.strict_data, unlabeled_ok=True,
-                               image_column=data.image_column, label_column=data.label_column)
+                               image_column=data.image_column, label_column=data.label_column, in_chans=data.in_chans)
     log(dataset_train)
-    recipe = pretrain_recipe(data.input_size, settings.augment.pretrain_aug, data.hflip, settings.crop_scale)
+    recipe = pretrain_recipe(data.input_size, settings.augment.pretrain_aug, data.hflip,
+                             settings.crop_scale).normalized(data.mean, data.std)
     data_loader_train = loaders.train_loader(data.data_loader, dataset_train, recipe, data.batch_size,
                                              data.num_workers, data.pin_mem, data.seed, device, optim.accum_iter)
 
@@ -165,11 +177,13 @@ def main(args: argparse.Namespace) -> None:
     if settings.dist.fsdp and draws:
         log("Reconstructions are not drawn during --fsdp training (the model is sharded); "
             "demo/mae_visualize.py draws them from a checkpoint")
-    vis_images = fixed_images(dataset_train, data.input_size) if draws and not settings.dist.fsdp else None
+    channels = shown_channels(ckpt.vis_channels, data.in_chans)  # a wrong --vis_channels fails here
+    vis_images = fixed_images(dataset_train, data.input_size, mean=data.mean, std=data.std) \
+        if draws and not settings.dist.fsdp else None
     k = settings.knn
     knn = knn_loaders(k.knn_data_path or data.data_path, data.input_size, data.batch_size, data.num_workers,
                       data.pin_mem, device, k.knn_max_train, data.strict_data, data.image_column,
-                      data.label_column) if k.knn_freq else None
+                      data.label_column, data.in_chans, data.mean, data.std) if k.knn_freq else None
 
     run = runner.Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
     log_writer = run.log_writer
@@ -183,7 +197,8 @@ def main(args: argparse.Namespace) -> None:
                                           position=run.position(epoch), stop=run)
             last = epoch + 1 == optim.epochs
             if vis_images is not None and (epoch % ckpt.vis_freq == 0 or last):
-                log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, m.mask_ratio, device)
+                log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, m.mask_ratio, device, data,
+                                    channels)
             monitored = knn_monitor(model_without_ddp, knn, settings, log_writer, epoch) \
                 if knn is not None and (epoch % k.knn_freq == 0 or last) else {}
             run.end_epoch(epoch, train_stats, monitored=monitored, numbered=epoch % ckpt.save_freq == 0)

@@ -20,7 +20,7 @@ LAYERS = [
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("sharding", ["util.sharding"]),
     ("checkpoint", ["util.formats", "util.checkpoint", "util.runs", "util.resume", "util.preemption"]),
-    ("data", ["util.transforms", "util.samplers", "util.datasets", "util.hf_datasets", "util.sources", "util.dali_graph", "util.dali",
+    ("data", ["util.pixels", "util.transforms", "util.samplers", "util.datasets", "util.hf_datasets", "util.sources", "util.dali_graph", "util.dali",
               "util.loaders"]),
     ("models", ["models_mae", "models_vit"]),
     ("engine loop", ["util.engine_loop", "util.knn"]),
@@ -28,7 +28,7 @@ LAYERS = [
     ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc", "util.export",
                 "util.bench"]),
     ("entry points", ["main_pretrain", "main_finetune", "main_linprobe", "main_knn", "benchmark", "export",
-                      "make_shards"]),
+                      "make_shards", "compute_stats"]),
     ("launchers", ["util.submit", "submitit_pretrain", "submitit_finetune", "submitit_linprobe"]),
 ]
 LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
@@ -43,6 +43,7 @@ LAZY_OK = {
     ("util.loaders", "util.dali"),
     # optional dependencies (requirements-data.txt), needed only for shards and Hugging Face datasets
     ("util.sources", "wids"), ("util.hf_datasets", "datasets"), ("util.sources", "braceexpand"), ("make_shards", "webdataset"),
+    ("util.pixels", "tifffile"),
     *(("util.dali_graph", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
                                        "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core")),
     ("util.dali", "nvidia.dali.plugin.pytorch"),

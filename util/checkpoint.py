@@ -180,6 +180,30 @@ def find_latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
     return best[1] if best else None
 
 
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A patch embedding's filters [D, C, p, p] for `in_chans` input channels, keeping each filter's sum over the
+    input channels (so an image equal in every channel embeds as before).
+
+    Channel j of the checkpoint goes to the new channels c with c % C == j (more channels: its filter split evenly
+    over its copies, e.g. RGB -> 4: R/2, G, B, R/2), or new channel c takes the sum of the old channels j with
+    j % in_chans == c (fewer: RGB -> 1 is R + G + B, as timm's adapt_input_conv; RGB -> 2: R + B, G). For
+    in_chans a multiple of C this is timm's repeat-and-rescale.
+    """
+    c = weight.shape[1]
+    if in_chans == c:
+        return weight
+    w = weight.float()
+    if in_chans < c:
+        out = torch.zeros(w.shape[0], in_chans, *w.shape[2:], dtype=w.dtype)
+        for j in range(c):
+            out[:, j % in_chans] += w[:, j]
+    else:
+        copies = torch.tensor([len(range(j, in_chans, c)) for j in range(c)], dtype=w.dtype)
+        index = torch.arange(in_chans) % c
+        out = w[:, index] / copies[index].view(1, -1, 1, 1)
+    return out.to(weight.dtype)
+
+
 def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool, with_head: bool = False) -> None:
     """Load an encoder from a pre-training (or fine-tuning) checkpoint for --finetune.
 
@@ -225,6 +249,13 @@ def load_pretrained(model: torch.nn.Module, path: str, global_pool: bool, with_h
     # interpolate position embedding
     if "pos_embed" in checkpoint_model and hasattr(model, "patch_embed"):
         interpolate_pos_embed(model, checkpoint_model)
+    key = "patch_embed.proj.weight"
+    if key in checkpoint_model and key in state_dict and checkpoint_model[key].dim() == 4 and \
+            checkpoint_model[key].shape[1] != state_dict[key].shape[1]:
+        have, want = checkpoint_model[key].shape[1], state_dict[key].shape[1]
+        checkpoint_model[key] = adapt_input_channels(checkpoint_model[key], want)
+        log(f"Adapted {key} from {have} to {want} input channels (filters summed or split: each output's sum over "
+            f"the input channels is the checkpoint's)")
 
     missing, unexpected, shapes = state_dict_mismatch(model, checkpoint_model)
     allowed_missing = set() if with_head else \

@@ -27,7 +27,8 @@ def classification_data(settings: Settings, train_recipe: Optional[Recipe], val_
     after a difference would shift) and --nb_classes."""
     data, device = settings.data, settings.device
     dataset_train, dataset_val = (open_split(data.data_path, split, data.strict_data, image_column=data.image_column,
-                                             label_column=data.label_column) for split in ("train", "val"))
+                                             label_column=data.label_column, in_chans=data.in_chans)
+                                  for split in ("train", "val"))
     log(dataset_train)
     log(dataset_val)
     check_same_classes(dataset_train, dataset_val)
@@ -38,10 +39,12 @@ def classification_data(settings: Settings, train_recipe: Optional[Recipe], val_
                         f"{dataset_train.root}; use --nb_classes {n_found}")
     loader_train = None
     if not settings.ckpt.eval:
+        train_recipe = train_recipe.normalized(data.mean, data.std)
         loader_train = loaders.train_loader(data.data_loader, dataset_train, train_recipe, data.batch_size,
                                             data.num_workers, data.pin_mem, data.seed, device,
                                             settings.optim.accum_iter)
-    loader_val = loaders.eval_loader(data.data_loader, dataset_val, val_recipe, data.batch_size, data.num_workers,
+    loader_val = loaders.eval_loader(data.data_loader, dataset_val, val_recipe.normalized(data.mean, data.std),
+                                     data.batch_size, data.num_workers,
                                      data.pin_mem, data.dist_eval, device)
     return loader_train, loader_val
 

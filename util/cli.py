@@ -110,6 +110,15 @@ def _add_data_args(parser: argparse.ArgumentParser, group: Any, training: bool) 
                        help="the image column of a Hugging Face dataset in --data_path (a save_to_disk folder)")
     group.add_argument("--label_column", default="label",
                        help="the label column of a Hugging Face dataset in --data_path")
+    group.add_argument("--in_chans", default=3, type=int, metavar="N",
+                       help="channels per image: 3 reads 8-bit RGB as the reference; any other N (and any folder "
+                            "of .npy or TIFF arrays) reads each image at full precision with N channels "
+                            "(util/pixels.py)")
+    group.add_argument("--mean", default=None, type=float, nargs="+", metavar="M",
+                       help="per-channel mean the images are normalised with, --in_chans numbers (default: "
+                            "ImageNet's for 3 channels; required for other N: compute_stats.py prints them)")
+    group.add_argument("--std", default=None, type=float, nargs="+", metavar="S",
+                       help="per-channel standard deviation, --in_chans numbers (as --mean)")
     group.add_argument("--seed", default=0, type=int, help="random seed (each process adds its rank)")
     if training:
         group.add_argument("--resume", default="", help="resume from this checkpoint (a path or an https URL)")

@@ -55,6 +55,9 @@ class DataSettings:
     dist_eval: bool = False
     image_column: str = "image"
     label_column: str = "label"
+    in_chans: int = 3
+    mean: Optional[Tuple[float, ...]] = None  # resolved: ImageNet's for 3 channels (util/settings.resolve_stats)
+    std: Optional[Tuple[float, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class CheckpointSettings:
     save_every_minutes: Optional[float] = None
     print_freq: int = 20
     vis_freq: int = 0
+    vis_channels: str = ""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.errors import UserError
 from util.recipes import Recipe
@@ -180,8 +179,8 @@ def define_pipeline(file_list: Optional[str], aug: Recipe, batch_size: int, num_
     rand_augment = dali_plan(aug)
     gpu = device_id is not None
     size = aug.input_size
-    mean = [255 * v for v in IMAGENET_DEFAULT_MEAN]
-    std = [255 * v for v in IMAGENET_DEFAULT_STD]
+    mean = [255 * v for v in aug.mean]
+    std = [255 * v for v in aug.std]
 
     @pipeline_def(enable_conditionals=rand_augment is not None)
     def pipeline():

@@ -19,12 +19,16 @@ from torchvision import datasets
 from util.distributed import broadcast_object, is_main_process
 from util.errors import DataError, UserError
 from util.logger import warn
+from util.pixels import ARRAY_EXTENSIONS, load_pixels
 from util.samplers import ResumableSampler, ShardSampler, check_one_batch, eval_sampler, train_sampler
 from util.transforms import build_transform
 
 __all__ = ["BadSamplePolicy", "ImageFolder", "READ_ERRORS", "ResumableSampler", "ShardSampler", "build_dataset", "build_transform",
            "check_one_batch", "check_same_classes", "eval_loader", "load_image", "split_folder",
            "to_8bit", "train_loader"]
+
+# the files an ImageFolder lists: torchvision's image extensions and NumPy arrays (util/pixels.py)
+IMAGE_FILE_EXTENSIONS = (*datasets.folder.IMG_EXTENSIONS, ".npy")
 
 # what opening or decoding a damaged image raises, in PIL and in our checks: the files the bad-file policy skips
 READ_ERRORS = (OSError, ValueError, SyntaxError, PIL.UnidentifiedImageError, Image.DecompressionBombError)
@@ -121,17 +125,31 @@ class BadSamplePolicy:
         return sample, target
 
 
-class ImageFolder(BadSamplePolicy, datasets.ImageFolder):
-    """torchvision ImageFolder (root/<class>/<image>) that survives unreadable images (BadSamplePolicy)."""
+def reads_pixels(in_chans: int, files: Any) -> bool:
+    """Whether a dataset of these files is read by util.pixels.load_pixels (float tensors at full precision):
+    for other than 3 channels, or where it holds arrays (.npy, TIFF); else as 8-bit RGB, the reference's."""
+    return in_chans != 3 or any(str(f).lower().endswith(ARRAY_EXTENSIONS) for f in files)
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, strict: bool = False):
+
+class ImageFolder(BadSamplePolicy, datasets.ImageFolder):
+    """torchvision ImageFolder (root/<class>/<image>) that survives unreadable images (BadSamplePolicy).
+
+    Lists .npy files as well as torchvision's image extensions. `in_chans` (3) and the files say how images are
+    read (`float_pixels`, see reads_pixels): PIL's 8-bit RGB images, or float tensors of in_chans channels.
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, strict: bool = False, in_chans: int = 3):
         if not os.path.isdir(root):
             raise DataError(f"image folder not found: {root}; --data_path must contain "
                             f"train/ and val/ folders of class sub-folders")
         try:
-            datasets.ImageFolder.__init__(self, root, transform=transform, loader=load_image)
+            datasets.DatasetFolder.__init__(self, root, loader=load_image, extensions=IMAGE_FILE_EXTENSIONS,
+                                            transform=transform)
         except FileNotFoundError as e:
             raise DataError(f"no images in {root} ({e}); expected {root}/<class>/<image> files") from None
+        self.imgs = self.samples
+        self.in_chans = in_chans
+        self.float_pixels = reads_pixels(in_chans, (p for p, _ in self.samples))
         self._track_bad_samples(len(self.samples), strict)
 
     @staticmethod
@@ -152,7 +170,7 @@ class ImageFolder(BadSamplePolicy, datasets.ImageFolder):
 
     def read(self, index: int) -> Any:
         path, target = self.samples[index]
-        return self.loader(path), target
+        return (load_pixels(path, self.in_chans) if self.float_pixels else self.loader(path)), target
 
     def describe(self, index: int) -> str:
         return self.samples[index][0]

@@ -64,6 +64,7 @@ def load_for_export(path: str, model_name: Optional[str] = None) -> Tuple[str, t
     saved = checkpoint.get("args") or {}
     width = state_dict["cls_token"].shape[-1]
     patch = state_dict["patch_embed.proj.weight"].shape[-1]
+    in_chans = state_dict["patch_embed.proj.weight"].shape[1]
     grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
     img_size = saved.get("input_size") or grid * patch
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
@@ -86,15 +87,15 @@ def load_for_export(path: str, model_name: Optional[str] = None) -> Tuple[str, t
                        decoder_embed_dim=state_dict["decoder_embed.weight"].shape[0])
         if saved.get("decoder_num_heads"):
             decoder["decoder_num_heads"] = saved["decoder_num_heads"]
-        model = models_mae.create_model(name, img_size=img_size, depth=depth, **decoder,
+        model = models_mae.create_model(name, img_size=img_size, in_chans=in_chans, depth=depth, **decoder,
                                         encoder_mask_token="encoder_mask_token" in state_dict,
                                         norm_pix_loss=bool(saved.get("norm_pix_loss", False)),
                                         mask_type=saved.get("mask_type", "random"))
     else:
         name = name[len("mae_"):].split("_dec")[0] if name.startswith("mae_") else name
         num_classes = state_dict["head.weight"].shape[0] if kind == "classifier" else 0
-        model = models_vit.create_model(name, img_size=img_size, depth=depth, num_classes=num_classes,
-                                        global_pool="fc_norm.weight" in state_dict)
+        model = models_vit.create_model(name, img_size=img_size, in_chans=in_chans, depth=depth,
+                                        num_classes=num_classes, global_pool="fc_norm.weight" in state_dict)
     load_state_dict_strict(model, state_dict, path)
     return kind, model.eval(), saved
 
@@ -120,8 +121,10 @@ def timm_architecture(width: int, patch: int) -> str:
     return next((name for name in candidates if timm.is_model(name)), TIMM_PLAIN_VIT)
 
 
-def export_timm(kind: str, model: torch.nn.Module, output_dir: str) -> None:
-    """model.safetensors + config.json for timm.create_model (local-dir:, hf-hub:, or pretrained_cfg_overlay)."""
+def export_timm(kind: str, model: torch.nn.Module, output_dir: str, mean: Optional[Any] = None,
+                std: Optional[Any] = None) -> None:
+    """model.safetensors + config.json for timm.create_model (local-dir:, hf-hub:, or pretrained_cfg_overlay);
+    the pretrained config's mean and std are the run's (--mean / --std; ImageNet's when it recorded none)."""
     lay = _layout(model)
     classifier = kind == "classifier"
     global_pool = "avg" if classifier and getattr(model, "global_pool", "") == "avg" else "token"
@@ -133,7 +136,8 @@ def export_timm(kind: str, model: torch.nn.Module, output_dir: str) -> None:
     with torch.device("meta"):  # not initialised: every weight is then ours
         timm_model = timm.create_model(
             timm_architecture(lay["embed_dim"], lay["patch_size"]), pretrained=False, **model_args,
-            pretrained_cfg_overlay=dict(tag="mae", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+            pretrained_cfg_overlay=dict(tag="mae", mean=tuple(mean or IMAGENET_DEFAULT_MEAN),
+                                        std=tuple(std or IMAGENET_DEFAULT_STD),
                                         crop_pct=eval_crop_pct(lay["img_size"]), interpolation="bicubic",
                                         license=None))
     timm_model.load_state_dict(encoder_state_dict(kind, model), strict=True, assign=True)
@@ -192,7 +196,7 @@ def export(checkpoint: str, fmt: str, output_dir: str, model_name: Optional[str]
                         f"be loaded instead of the export)")
     kind, model, saved = load_for_export(checkpoint, model_name)
     if fmt == "timm":
-        export_timm(kind, model, output_dir)
+        export_timm(kind, model, output_dir, saved.get("mean"), saved.get("std"))
     elif fmt == "hf":
         export_hf(kind, model, output_dir, mask_ratio=float(saved.get("mask_ratio", 0.75)))
     else:

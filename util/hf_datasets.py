@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from util.datasets import BadSamplePolicy, load_image
 from util.errors import DataError, UserError
 from util.optional import require_package
+from util.pixels import load_pixels
 
 HF_SPLITS = {"train": ("train",), "val": ("validation", "val")}
 
@@ -19,10 +20,11 @@ class HFImages(BadSamplePolicy, Dataset):
     """One split of a DatasetDict saved with save_to_disk: `image_column` (an Image feature) and `label_column`."""
 
     def __init__(self, root: str, split: str, image_column: str = "image", label_column: str = "label",
-                 strict: bool = False):
+                 strict: bool = False, in_chans: int = 3):
         require_package("datasets", "reading a Hugging Face dataset")
         import datasets
         self.root = root
+        self.in_chans, self.float_pixels = in_chans, in_chans != 3
         splits = datasets.load_from_disk(root)
         name = next((s for s in HF_SPLITS.get(split, (split,)) if s in splits), None)
         if name is None:
@@ -64,6 +66,9 @@ class HFImages(BadSamplePolicy, Dataset):
 
     def read(self, index: int) -> Any:
         data, label = self.encoded(index)
+        if self.float_pixels:
+            image = self.ds[index][self.image_column]
+            return load_pixels(data, self.in_chans, image.get("path") or f"row {index}.png"), label
         return load_image(io.BytesIO(data)), label
 
     def describe(self, index: int) -> str:

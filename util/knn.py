@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Subset
 
 from util.datasets import check_same_classes
@@ -158,7 +159,8 @@ def knn_ks(values: List[int]) -> List[int]:
 
 def knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: int, pin_mem: bool,
                 device: torch.device, max_train: int = 0, strict: bool = False, image_column: str = "image",
-                label_column: str = "label") -> Tuple[Any, Any]:
+                label_column: str = "label", in_chans: int = 3, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Tuple[Any, Any]:
     """Sharded evaluation loaders (util/loaders.py, torch) of the train split (a fixed random subset of max_train
     images, if set) and the val split of data_path (any labelled source of util/sources.py), resized and
     center-cropped as evaluation is."""
@@ -167,12 +169,12 @@ def knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: i
         raise UserError(f"k-NN evaluation needs {os.path.join(data_path, 'val')}: train/ and val/ class folders or "
                         f"shards, or a Hugging Face save_to_disk folder (--data_path of main_knn.py, --knn_data_path "
                         f"of main_pretrain.py)")
-    train, val = (open_split(data_path, split, strict, image_column=image_column, label_column=label_column)
-                  for split in ("train", "val"))
+    train, val = (open_split(data_path, split, strict, image_column=image_column, label_column=label_column,
+                             in_chans=in_chans) for split in ("train", "val"))
     check_same_classes(train, val)
     if max_train and len(train) > max_train:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values
         train = Subset(train, keep.tolist())
     # no workers kept between evaluations, and a private generator: training's random stream is untouched
-    return tuple(eval_loader("torch", ds, eval_recipe(input_size), batch_size, num_workers, pin_mem, dist_eval=True,
+    return tuple(eval_loader("torch", ds, eval_recipe(input_size).normalized(mean, std), batch_size, num_workers, pin_mem, dist_eval=True,
                              device=device, keep_workers=False) for ds in (train, val))

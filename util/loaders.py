@@ -3,7 +3,8 @@
 Both backends read the same ImageFolder through the same sampler (util/samplers.py) with the same bad-file
 policy (ImageFolder.unreadable), and every loader yields the same batch:
 
-    images: float32 [N, 3, S, S], normalised with the ImageNet mean and std, on the training device
+    images: float32 [N, C, S, S], normalised with the recipe's mean and std (ImageNet's unless --mean / --std),
+            on the training device
     labels: int64 [N], on the training device
 
 torch: worker processes run the recipe's torchvision / timm transforms and hand out uint8 (a quarter of the
@@ -53,23 +54,29 @@ class DeviceBatches:
             if images.dtype != expected:
                 raise TypeError(f"the {self.recipe.stage} transform gave {images.dtype} images, the loader expects "
                                 f"{expected} (util/recipes.py Recipe.normalized_by_workers)")
-            images = normalize_images(images.to(self.device, non_blocking=True))
+            images = normalize_images(images.to(self.device, non_blocking=True), self.recipe.mean, self.recipe.std)
             yield images, labels.to(self.device, non_blocking=True)
 
 
 def _dali_can_read(dataset: Any) -> None:
     """DALI reads image files (ImageFolder, an unlabeled folder: `samples`) or is fed encoded bytes (shards,
-    Hugging Face datasets: `encoded`)."""
+    Hugging Face datasets: `encoded`), of 8-bit RGB images."""
     require_dali()
+    if getattr(getattr(dataset, "dataset", dataset), "float_pixels", False):
+        raise UserError(f"--data_loader dali decodes 8-bit RGB images; {dataset.root} is read as "
+                        f"{dataset.in_chans}-channel arrays at full precision (--in_chans, .npy / TIFF): use "
+                        f"--data_loader torch")
     if not (hasattr(dataset, "samples") or hasattr(dataset, "encoded")):
         raise UserError(f"--data_loader dali cannot read {type(dataset).__name__} ({dataset.root}); use "
                         f"--data_loader torch")
 
 
-def _render_for_torch(dataset: Any, recipe: Recipe) -> None:
-    """The recipe as the dataset's transform, run by the DataLoader's workers."""
+def _render_for_torch(dataset: Any, recipe: Recipe) -> Recipe:
+    """The recipe (for the dataset's images) as the dataset's transform, run by the DataLoader's workers."""
+    recipe = recipe.for_dataset(dataset)
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     base.transform = torch_transform(recipe)
+    return recipe
 
 
 def train_loader(kind: str, dataset: ImageFolder, recipe: Recipe, batch_size: int, num_workers: int, pin_mem: bool,
@@ -81,7 +88,7 @@ def train_loader(kind: str, dataset: ImageFolder, recipe: Recipe, batch_size: in
         import util.dali as dali
         loader: Any = dali.dali_train_loader(dataset, recipe, batch_size, num_workers, seed, device)
     else:
-        _render_for_torch(dataset, recipe)
+        recipe = _render_for_torch(dataset, recipe)
         loader = DeviceBatches(torch_train_loader(dataset, batch_size, num_workers, pin_mem, seed), recipe, device)
     if len(loader) < accum_iter:
         raise UserError(f"--accum_iter {accum_iter} is more than the {len(loader)} batch(es) of an epoch "
@@ -101,6 +108,6 @@ def eval_loader(kind: str, dataset: Any, recipe: Recipe, batch_size: int, num_wo
         _dali_can_read(dataset)
         import util.dali as dali
         return dali.dali_eval_loader(dataset, recipe, batch_size, num_workers, dist_eval, device)
-    _render_for_torch(dataset, recipe)
+    recipe = _render_for_torch(dataset, recipe)
     return DeviceBatches(torch_eval_loader(dataset, batch_size, num_workers, pin_mem, dist_eval, keep_workers),
                          recipe, device)

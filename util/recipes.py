@@ -12,8 +12,10 @@ for `--data_loader dali`. The builders below are the only place a stage's augmen
 Every loader hands out the same batch for a recipe: float32 images normalised with the ImageNet mean and std,
 NCHW, on the training device, and int64 labels (util/loaders.py).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
+
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 # the random-resized-crop area range of each stage when --crop_scale is not given
 PRETRAIN_SCALE = (0.2, 1.0)
@@ -35,6 +37,9 @@ class Recipe:
     `color_jitter` or the `auto_augment` policy (a timm string), then random erasing (`reprob`, `remode`,
     `recount`). train=False: resize the shorter side to `resize`, centre crop. `stage` names the recipe's
     stage; the torch backend renders the fine-tuning recipe with timm's create_transform, as the reference.
+    Images are normalised with `mean` and `std` (one number per channel; ImageNet's by default). `float_pixels`:
+    the images are float tensors of any channel count (util/pixels.py) instead of 8-bit RGB PIL images; set by
+    the loader from its dataset (`for_dataset`).
     """
 
     stage: str
@@ -51,6 +56,9 @@ class Recipe:
     reprob: float = 0.0
     remode: str = "pixel"
     recount: int = 1
+    mean: Tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+    std: Tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
+    float_pixels: bool = False
 
     @property
     def erase_noise(self) -> bool:
@@ -60,8 +68,18 @@ class Recipe:
     @property
     def normalized_by_workers(self) -> bool:
         """Whether torch's loader workers already normalise (timm's fine-tuning pipeline, whose random erasing
-        works on normalised values); otherwise they hand out uint8 and the loader normalises on the device."""
-        return self.stage == "finetune" and self.train
+        works on normalised values) or of float images; otherwise they hand out uint8 and the loader normalises
+        on the device."""
+        return (self.stage == "finetune" and self.train) or self.float_pixels
+
+    def normalized(self, mean: Sequence[float], std: Sequence[float]) -> "Recipe":
+        """This recipe with the data's normalisation (--mean / --std as resolved)."""
+        return replace(self, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+    def for_dataset(self, dataset: object) -> "Recipe":
+        """This recipe for the images `dataset` gives: float tensors where it reads pixels (util/pixels.py)."""
+        base = getattr(dataset, "dataset", dataset)  # a Subset reads its dataset
+        return replace(self, float_pixels=bool(getattr(base, "float_pixels", False)))
 
 
 def eval_crop_pct(input_size: int) -> float:

@@ -9,9 +9,10 @@ writes. benchmark.py and the launchers use the same functions (`resolve_precisio
 import argparse
 import os
 from dataclasses import replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import util.perf as perf
 from util.checkpoint import to_plain
@@ -32,6 +33,26 @@ def resolve_paths(flags: Dict[str, Any]) -> None:
         value = flags.get(flag)
         if isinstance(value, str) and value and "://" not in value:
             flags[flag] = os.path.abspath(value)
+
+
+def resolve_stats(in_chans: int, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+                  ) -> Tuple[List[float], List[float]]:
+    """--mean / --std as run: ImageNet's when neither is given for 3 channels; otherwise both are needed, with
+    --in_chans positive numbers (std) each."""
+    if mean is None and std is None:
+        if in_chans == 3:
+            return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+        raise UserError(f"--in_chans {in_chans} needs the data's --mean and --std ({in_chans} numbers each): "
+                        f"`python compute_stats.py --data_path D --in_chans {in_chans}` prints them")
+    if mean is None or std is None:
+        raise UserError(f"--{'std' if mean is None else 'mean'} is given without --{'mean' if mean is None else 'std'}"
+                        f"; give both, {in_chans} numbers each")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != in_chans:
+            raise UserError(f"--{name} has {len(values)} number(s), --in_chans is {in_chans}: give one per channel")
+    if min(std) <= 0:
+        raise UserError(f"--std must be positive, got {' '.join(map(str, std))}")
+    return [float(v) for v in mean], [float(v) for v in std]
 
 
 def default_device() -> str:
@@ -98,6 +119,7 @@ def resolve_settings(args: argparse.Namespace, entry: str, resolved: Optional[Ma
     check_common_flags(given)
     note_num_workers(given.data.num_workers)
     resolve_paths(flags)
+    flags["mean"], flags["std"] = resolve_stats(given.data.in_chans, given.data.mean, given.data.std)
     if given.data.crop_scale is None and entry in STAGE_SCALE:
         flags["crop_scale"] = list(STAGE_SCALE[entry])  # recorded as run, not as "the default"
     check_fsdp_flags(given)

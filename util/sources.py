@@ -26,18 +26,17 @@ import tarfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from util.datasets import BadSamplePolicy, ImageFolder, load_image, split_folder
+from util.datasets import IMAGE_FILE_EXTENSIONS, BadSamplePolicy, ImageFolder, load_image, reads_pixels, split_folder
 from util.distributed import broadcast_object, is_main_process
 from util.errors import DataError, UserError
 from util.hf_datasets import HFImages
 from util.logger import log, warn
 from util.optional import require_package
+from util.pixels import load_pixels
 
 SHARD_INDEX = "shards.json"  # next to the shards: wids' shard list (nsamples per shard) plus the class names
 INDEX_KIND = "mae-webdataset-index-v1"
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "npy")
 
 
 require = require_package  # (used by make_shards.py)
@@ -55,7 +54,7 @@ def list_images(root: str) -> List[str]:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(entry.path)
-                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                elif entry.name.lower().endswith(IMAGE_FILE_EXTENSIONS):
                     found.append(entry.path)
     return sorted(found)
 
@@ -63,20 +62,23 @@ def list_images(root: str) -> List[str]:
 class UnlabeledFolder(BadSamplePolicy, Dataset):
     """Every image under `root` (any nesting) as one unlabeled set: label 0, no classes."""
 
-    def __init__(self, root: str, strict: bool = False):
+    def __init__(self, root: str, strict: bool = False, in_chans: int = 3):
         self.root, self.classes = root, []
         # listed once by rank 0 and shared (a collective), as ImageFolder's files
         self.samples = [(path, 0) for path in broadcast_object(list_images(root) if is_main_process() else None)]
         if not self.samples:
             raise DataError(f"no images under {root}: --data_path must hold train/ (and val/) class folders, or "
                             f"image files at any depth for pre-training without labels")
+        self.in_chans = in_chans
+        self.float_pixels = reads_pixels(in_chans, (p for p, _ in self.samples))
         self._track_bad_samples(len(self.samples), strict)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def read(self, index: int) -> Any:
-        return load_image(self.samples[index][0]), 0
+        path = self.samples[index][0]
+        return (load_pixels(path, self.in_chans) if self.float_pixels else load_image(path)), 0
 
     def describe(self, index: int) -> str:
         return self.samples[index][0]
@@ -179,9 +181,10 @@ class ShardDataset(BadSamplePolicy, Dataset):
     """
 
     def __init__(self, folder: str, shards: Sequence[str], strict: bool = False, index_name: str = SHARD_INDEX,
-                 classes: Optional[Sequence[str]] = None):
+                 classes: Optional[Sequence[str]] = None, in_chans: int = 3):
         require_package("wids", "reading WebDataset shards")
         self.root, self.folder = folder, folder
+        self.in_chans, self.float_pixels = in_chans, in_chans != 3  # members are not listed: by the flag alone
         index = shard_index(folder, shards, index_name, classes)
         self.shardlist = [{"url": os.path.join(folder, s["url"]), "nsamples": s["nsamples"]}
                           for s in index["shardlist"]]
@@ -204,19 +207,28 @@ class ShardDataset(BadSamplePolicy, Dataset):
             self._reader_pid = os.getpid()
         return self._reader
 
-    def encoded(self, index: int) -> Tuple[bytes, int]:
-        """(the image's encoded bytes, the label) of sample `index`, undecoded (what the DALI loader feeds)."""
+    def _member(self, index: int) -> Tuple[bytes, str, int]:
+        """(the image's bytes, its field, e.g. 'jpg', the label) of sample `index`."""
         sample = self._samples()[index]
-        image = next((sample[f".{k}"] for k in IMAGE_KEYS if f".{k}" in sample), None)
-        if image is None:
+        field = next((k for k in IMAGE_KEYS if f".{k}" in sample), None)
+        if field is None:
             raise ValueError(f"no image field ({', '.join(IMAGE_KEYS)}) in sample {sample['__key__']}")
         label = sample.get(".cls")
         if label is None:
             raise DataError(f"sample {sample['__key__']} of {sample['__shard__']} has no .cls label")
-        return image.read(), int(label.read().decode().strip())
+        return sample[f".{field}"].read(), field, int(label.read().decode().strip())
+
+    def encoded(self, index: int) -> Tuple[bytes, int]:
+        """(the image's encoded bytes, the label) of sample `index`, undecoded (what the DALI loader feeds)."""
+        data, _, label = self._member(index)
+        return data, label
 
     def read(self, index: int) -> Any:
-        data, label = self.encoded(index)
+        data, field, label = self._member(index)
+        if self.float_pixels:
+            return load_pixels(data, self.in_chans, f"{self.describe(index)}.{field}"), label
+        if field == "npy":
+            raise DataError(f"{self.describe(index)} is a .npy array: read arrays with --in_chans N (their channels)")
         return load_image(io.BytesIO(data)), label
 
     def describe(self, index: int) -> str:
@@ -253,7 +265,7 @@ def is_shard_pattern(data_path: str) -> bool:
     return data_path.endswith(".tar")
 
 
-def pattern_shards(pattern: str, split: str, strict: bool) -> "ShardDataset":
+def pattern_shards(pattern: str, split: str, strict: bool, in_chans: int = 3) -> "ShardDataset":
     """The shards a brace pattern names (the training split only), indexed in <folder>/shards-<hash>.json."""
     if split != "train":
         raise UserError(f"--data_path {pattern} names training shards only; for a stage that also evaluates, give a "
@@ -274,26 +286,27 @@ def pattern_shards(pattern: str, split: str, strict: bool) -> "ShardDataset":
     if os.path.isfile(os.path.join(folder, SHARD_INDEX)):
         with open(os.path.join(folder, SHARD_INDEX)) as f:
             classes = json.load(f).get("classes")
-    return ShardDataset(folder, shards, strict, index_name=f"shards-{digest}.json", classes=classes)
+    return ShardDataset(folder, shards, strict, index_name=f"shards-{digest}.json", classes=classes, in_chans=in_chans)
 
 
 def open_split(data_path: str, split: str, strict: bool = False, unlabeled_ok: bool = False,
-               image_column: str = "image", label_column: str = "label") -> Dataset:
+               image_column: str = "image", label_column: str = "label", in_chans: int = 3) -> Dataset:
     """The dataset of `split` ('train' or 'val') under --data_path, from whichever source it holds (see the module
-    docstring); `unlabeled_ok`: a training split with no train/ folder is every image under data_path."""
+    docstring); `unlabeled_ok`: a training split with no train/ folder is every image under data_path;
+    `in_chans`: the channels of each image (util/pixels.py reads other than 3, and arrays)."""
     if is_shard_pattern(data_path):
-        return pattern_shards(data_path, split, strict)
+        return pattern_shards(data_path, split, strict, in_chans)
     if os.path.isfile(os.path.join(data_path, "dataset_dict.json")):
-        return HFImages(data_path, split, image_column, label_column, strict)
+        return HFImages(data_path, split, image_column, label_column, strict, in_chans)
     folder = os.path.join(data_path, split)
     if os.path.isdir(folder):
         shards = _shards_in(folder)
         if shards:
-            return ShardDataset(folder, shards, strict)
-        return ImageFolder(folder, strict=strict)
+            return ShardDataset(folder, shards, strict, in_chans=in_chans)
+        return ImageFolder(folder, strict=strict, in_chans=in_chans)
     has_split = any(os.path.isdir(os.path.join(data_path, s)) for s in ("train", "val"))
     if unlabeled_ok and split == "train" and os.path.isdir(data_path) and not has_split:
-        dataset = UnlabeledFolder(data_path, strict)
+        dataset = UnlabeledFolder(data_path, strict, in_chans)
         log(f"No train/ in {data_path}: pre-training on every image under it, without labels "
             f"({len(dataset)} images)")
         return dataset

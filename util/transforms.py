@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 import torch
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
 from util.compat import fix_timm_posterize
@@ -57,8 +58,8 @@ def _timm_finetune(recipe: Recipe) -> Callable:
             re_prob=recipe.reprob,
             re_mode=recipe.remode,
             re_count=recipe.recount,
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
+            mean=recipe.mean,
+            std=recipe.std,
         )
     except (AssertionError, KeyError, ValueError) as e:  # timm's checks of the policy string
         if not aa:
@@ -90,37 +91,62 @@ def _crop_steps(recipe: Recipe) -> list:
     return [crop, *_flip(recipe.hflip), *jitter]
 
 
+def _float_pixels(recipe: Recipe) -> Callable:
+    """A recipe as a transform of one float tensor [C, H, W] (util/pixels.py): the same geometric steps on the
+    tensor, then the normalisation; for fine-tuning, timm's random erasing after it (mixup and cutmix work on
+    batches of any channel count). RandAugment is timm's PIL operations: an error, as is colour jitter on
+    other than 3 channels."""
+    channels = len(recipe.mean)
+    if recipe.auto_augment:
+        raise UserError(f"--aa {recipe.auto_augment}: RandAugment runs on 8-bit RGB images (timm's PIL "
+                        f"operations), these are {channels}-channel arrays; use --aa none (random erasing, mixup and "
+                        f"cutmix still apply)")
+    if recipe.color_jitter and channels != 3:
+        raise UserError(f"colour jitter needs RGB images, these have {channels} channels; leave --color_jitter "
+                        f"unset (pre-training: --pretrain_aug crop_rand)")
+    steps = [*_crop_steps(recipe), transforms.Normalize(recipe.mean, recipe.std)]
+    if recipe.train and recipe.reprob > 0:
+        steps.append(RandomErasing(recipe.reprob, mode=recipe.remode, max_count=recipe.recount, device="cpu"))
+    return transforms.Compose(steps)
+
+
 def torch_transform(recipe: Recipe, normalize: bool = False) -> Callable:
     """A recipe as a transform of one PIL image: a uint8 CHW tensor out (normalised floats with `normalize`,
-    and always for fine-tuning's training recipe, see Recipe.normalized_by_workers)."""
+    and always for fine-tuning's training recipe, see Recipe.normalized_by_workers); with recipe.float_pixels,
+    of one float tensor [C, H, W], normalised floats out."""
+    if recipe.float_pixels:
+        return _float_pixels(recipe)
     if recipe.normalized_by_workers:
         return _timm_finetune(recipe)
     steps = _crop_steps(recipe)
     if normalize:
-        steps = steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        steps = steps + [transforms.ToTensor(), transforms.Normalize(recipe.mean, recipe.std)]
     else:
         steps = steps + [transforms.PILToTensor()]
     return transforms.Compose(steps)
 
 
-_MEAN_STD: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+_MEAN_STD: Dict[Tuple[torch.device, Tuple[float, ...], Tuple[float, ...]], Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(device: torch.device, mean: Sequence[float], std: Sequence[float]
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
     # made once per device: a host-to-device copy every step would wait for the GPU
-    if device not in _MEAN_STD:
-        _MEAN_STD[device] = (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, -1, 1, 1),
-                             torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, -1, 1, 1))
-    return _MEAN_STD[device]
+    key = (device, tuple(mean), tuple(std))
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = (torch.tensor(key[1], device=device).view(1, -1, 1, 1),
+                          torch.tensor(key[2], device=device).view(1, -1, 1, 1))
+    return _MEAN_STD[key]
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, H, W] images to floats in [0, 1] normalised with the ImageNet mean and std, as
+def normalize_images(images: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                     std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """uint8 [N, C, H, W] images to floats in [0, 1] normalised with `mean` and `std` (ImageNet's), as
     ToTensor + Normalize compute them; float images are returned unchanged."""
     if images.dtype != torch.uint8:
         return images
-    mean, std = _mean_std(images.device)
-    return images.float().div_(255).sub_(mean).div_(std)
+    mean_t, std_t = _mean_std(images.device, mean, std)
+    return images.float().div_(255).sub_(mean_t).div_(std_t)
 
 
 # ----------------------------------------------------------------------------

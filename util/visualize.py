@@ -6,13 +6,14 @@ with matplotlib's Agg canvas and returned as RGB pixels for PNG files and Tensor
 """
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from util.errors import UserError
 from util.masking import block_noise, grid_noise
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -68,9 +69,31 @@ def reconstruct(model: torch.nn.Module, imgs: torch.Tensor, mask_ratio: float = 
     return torch.stack([imgs, masked, recon, pasted], dim=1)
 
 
-def panel_pixels(panels: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
-                 ) -> Tuple[np.ndarray, np.ndarray]:
-    """[N, 4, C, H, W] normalised panels -> ([N, 4, H, W, 3] uint8 pixels, [N, H, W] bool removed patches).
+def shown_channels(spec: str, in_chans: int) -> Union[str, Tuple[int, int, int]]:
+    """What a picture shows of in_chans channels: 'grey' (each channel a row, in grey) or three channel numbers (an
+    RGB composite), from --vis_channels ('' for the default: 1 channel grey, 3 as RGB, 2 each in grey, more than 3
+    channels 0, 1, 2)."""
+    spec = spec.strip().lower()
+    if not spec:
+        return "grey" if in_chans in (1, 2) else (0, 1, 2)
+    if spec in ("grey", "gray"):
+        return "grey"
+    try:
+        picked = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        picked = ()
+    if len(picked) != 3 or not all(0 <= c < in_chans for c in picked):
+        raise UserError(f"--vis_channels {spec}: give three channel numbers from 0 to {in_chans - 1} (e.g. "
+                        f"{','.join(str(c) for c in range(min(3, in_chans)))}) for a composite, or 'grey'")
+    return picked
+
+
+def panel_pixels(panels: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                 channels: Union[str, Sequence[int], None] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """[N, 4, C, H, W] normalised panels -> ([N', 4, H, W, 3] uint8 pixels, [N', H, W] bool removed patches).
+
+    `channels` (shown_channels' answer; None: its default for C): three channel numbers drawn as RGB, or 'grey':
+    each channel of each image drawn in grey in a row of its own (N' = N * C), in [0, 1] after de-normalisation.
 
     The row of a grey original (its three channels equal to within one grey level) is shown in grey: the
     model never saw colour there, and a cast in the reconstruction would only show how its errors differ
@@ -84,12 +107,17 @@ def panel_pixels(panels: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_
     x = panels.detach().float().cpu()
     removed = (x[:, 1] == 0).all(dim=1)  # [N, H, W]
     x = (x * std_t + mean_t).clamp(0, 1)
-    if x.shape[2] == 3:
+    n, c = x.shape[0], x.shape[2]
+    channels = shown_channels("", c) if channels is None else channels
+    if channels == "grey":  # [N, 4, C, H, W] -> [N * C, 4, 1, H, W]: image n's channel k is row n * C + k
+        x = x.transpose(1, 2).reshape(n * c, 1, 4, *x.shape[3:]).transpose(1, 2)
+        removed = removed.repeat_interleave(c, dim=0)
+        x = x.expand(-1, -1, 3, -1, -1)
+    else:
+        x = x[:, :, list(channels)]
         original = x[:, 0]
         grey = (original.amax(dim=1) - original.amin(dim=1)).amax(dim=(1, 2)) <= 1 / 255  # [N]
         x[grey] = x[grey].mean(dim=2, keepdim=True).expand_as(x[grey])
-    else:
-        x = x.expand(-1, -1, 3, -1, -1)
     pixels = (x.permute(0, 1, 3, 4, 2).numpy() * 255).round().astype(np.uint8)  # [N, 4, H, W, 3]
     return pixels, removed.numpy()
 
@@ -131,8 +159,8 @@ def column_titles(mask_ratio: float) -> Tuple[str, ...]:
 
 
 def draw_reconstructions(panels: torch.Tensor, mask_ratio: float, scale: Optional[int] = None,
-                         min_cell: int = 128, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
-                         ) -> ReconstructionFigure:
+                         min_cell: int = 128, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                         channels: Union[str, Sequence[int], None] = None) -> ReconstructionFigure:
     """Draw reconstruct()'s panels as a figure: one row per image, four titled columns, white gaps.
 
     Args:
@@ -141,14 +169,16 @@ def draw_reconstructions(panels: torch.Tensor, mask_ratio: float, scale: Optiona
         scale: integer nearest-neighbour enlargement of every panel; None: the smallest that makes a cell
             at least `min_cell` pixels on its longer side (4 for 32-px images, 1 from 128 px).
         min_cell: see `scale`.
-        mean, std: the normalisation of the panels.
+        mean, std: the normalisation of the panels (one number per channel).
+        channels: what is shown of the channels (`panel_pixels`): None for 1 channel in grey, 3 as RGB, more
+            as channels 0, 1, 2; three channel numbers; or 'grey', a row per channel of each image.
 
     Grey originals are drawn grey (see `panel_pixels`). Removed patches are painted in `mask_colour`'s choice
     for the row's original: magenta (#FF00FF) for every grey one and almost every photo; for an original that
     holds colours near magenta, the first of cyan, green, blue, red, yellow that it does not. The titles
     shrink, and the last one wraps, to fit their column.
     """
-    pixels, removed = panel_pixels(panels, mean, std)
+    pixels, removed = panel_pixels(panels, mean, std, channels)
     colours = tuple(mask_colour(original) for original in pixels[:, 0])
     for masked, where, colour in zip(pixels[:, 1], removed, colours):
         masked[where] = colour
