@@ -13,6 +13,8 @@ from PIL import Image
 import compute_stats
 import export
 import main_finetune
+import main_knn
+import main_linprobe
 import main_pretrain
 import models_mae
 from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
@@ -145,6 +147,13 @@ def test_a_multichannel_folder_pretrains_reconstructs_and_finetunes(make, suffix
               "--nb_classes", "2", "--aa", "none", "--finetune", pre / "checkpoint-0.pth", "--output_dir", ft,
               "--log_dir", "")
     assert read_log(ft)[0]["train_loss"] > 0
+    # linear probing and k-NN read the same data
+    run_entry(main_linprobe, *TINY_CLS, "--epochs", "1", "--data_path", data, "--in_chans", chans, *stats,
+              "--nb_classes", "2", "--finetune", pre / "checkpoint-0.pth", "--output_dir", "", "--log_dir", "")
+    knn = run_entry(main_knn, "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0", "--device",
+                    "cpu", "--data_path", data, "--in_chans", chans, *stats, "--finetune", pre / "checkpoint-0.pth",
+                    "--nb_knn", "1", "--output_dir", "")
+    assert "1-NN classifier result" in knn.stdout
 
 
 @pytest.mark.e2e

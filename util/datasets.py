@@ -19,7 +19,7 @@ from torchvision import datasets
 from util.distributed import broadcast_object, is_main_process
 from util.errors import DataError, UserError
 from util.logger import warn
-from util.pixels import ARRAY_EXTENSIONS, load_pixels
+from util.pixels import ARRAY_ONLY, load_pixels
 from util.samplers import ResumableSampler, ShardSampler, check_one_batch, eval_sampler, train_sampler
 from util.transforms import build_transform
 
@@ -127,8 +127,9 @@ class BadSamplePolicy:
 
 def reads_pixels(in_chans: int, files: Any) -> bool:
     """Whether a dataset of these files is read by util.pixels.load_pixels (float tensors at full precision):
-    for other than 3 channels, or where it holds arrays (.npy, TIFF); else as 8-bit RGB, the reference's."""
-    return in_chans != 3 or any(str(f).lower().endswith(ARRAY_EXTENSIONS) for f in files)
+    for other than 3 channels, or where it holds NumPy arrays (.npy, which PIL cannot open); else as 8-bit RGB
+    through PIL, the reference's (3-channel TIFFs included, as DALI decodes them)."""
+    return in_chans != 3 or any(str(f).lower().endswith(ARRAY_ONLY) for f in files)
 
 
 class ImageFolder(BadSamplePolicy, datasets.ImageFolder):

@@ -1,8 +1,8 @@
 """Images of any number of channels and bit depth (`--in_chans N`), read at full precision as float tensors.
 
 The reference reads 8-bit RGB through PIL (util.datasets.load_image), and so do we by default. A dataset is read
-with `load_pixels` instead when `--in_chans` is not 3 or when it holds arrays (.npy, .tif/.tiff); then every
-sample is a float32 tensor [C, H, W]:
+with `load_pixels` instead when `--in_chans` is not 3 or when it holds NumPy arrays (.npy); then every sample is a
+float32 tensor [C, H, W]:
 
 - `.npy`: a NumPy array, channels last as an image is stored: H x W x C (or H x W for one channel);
 - `.tif` / `.tiff`: read with `tifffile`; H x W, H x W x C (channels last, TIFF's "contig" layout), or C x H x W
@@ -26,7 +26,7 @@ from PIL import Image
 from util.errors import DataError
 from util.optional import require_package
 
-ARRAY_EXTENSIONS = (".npy", ".tif", ".tiff")  # files only load_pixels reads in full
+ARRAY_ONLY = (".npy",)  # files only load_pixels reads (PIL cannot): a dataset holding them is read by it
 
 
 class ChannelError(DataError):
