@@ -63,7 +63,7 @@ def test_mae_visualize_writes_a_four_panel_png(tmp_path):
     img = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "vis"
-    proc = run_script("demo/mae_visualize.py", "--checkpoint", ckpt, "--output_dir", out, "--scale", "2", img)
+    proc = run_entry(mae_visualize, "--checkpoint", ckpt, "--output_dir", out, "--scale", "2", img)
     assert "photo_mae.png" in proc.stdout
     assert "original | masked 75% | reconstruction | reconstruction + visible" in proc.stdout
     arr = np.asarray(Image.open(out / "photo_mae.png")).astype(int)

@@ -258,7 +258,7 @@ def test_nonfinite_loss_exits_1_and_keeps_checkpoints(image_folder, tmp_path):
 
 @pytest.mark.e2e
 def test_sigkill_mid_epoch_then_rerun_loses_and_repeats_nothing(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=2, per_class=24, size=32)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "main_pretrain.py"), *TINY_PRETRAIN, "--batch_size", "2",
            "--print_freq", "1", "--data_path", data, "--epochs", "4", "--output_dir", str(out), "--log_dir", str(out)]
@@ -266,7 +266,7 @@ def test_sigkill_mid_epoch_then_rerun_loses_and_repeats_nothing(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         for line in proc.stdout:  # kill in the middle of epoch 2
-            if line.startswith("Epoch: [2]  [ 5/24]"):
+            if line.startswith("Epoch: [2]  [3/8]"):
                 proc.send_signal(signal.SIGKILL)
                 break
     finally:
