@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from util.loaders import LOADERS
 from util.distributed import destroy_process_group
+from util.engine_loop import NAN_POLICIES
 from util.errors import NonFiniteLossError, Preempted, UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
 from util.precision import AMP_DTYPES
@@ -186,6 +187,14 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
     ours.add_argument("--save_every_minutes", default=None, type=float, metavar="M",
                       help="also write checkpoint-last.pth inside an epoch every M minutes of training, so a hard "
                            "kill loses at most M minutes (default: off; a stop signal always saves the position)")
+    ours.add_argument("--nan_policy", default="stop", choices=NAN_POLICIES,
+                      help="a step with a non-finite loss (or gradients): stop the run (the reference's), or skip "
+                           "that update and go on, stopping after --nan_max_skips in a row (one host sync per step)")
+    ours.add_argument("--nan_max_skips", default=5, type=int, metavar="K",
+                      help="--nan_policy skip: stop after K skipped updates in a row")
+    ours.add_argument("--log_grad_blocks", action="store_true",
+                      help="also write each block's gradient norm to TensorBoard (grad_norm/blocks.N) at every "
+                           "--print_freq step; the total norm is always logged")
 
 
 def add_scaling_args(group: Any) -> None:

@@ -109,6 +109,8 @@ class OptimSettings:
     layer_decay: float = 1.0
     start_epoch: int = 0
     stop_epoch: Optional[int] = None
+    nan_policy: str = "stop"
+    nan_max_skips: int = 5
 
     @property
     def end_epoch(self) -> int:
@@ -157,6 +159,7 @@ class CheckpointSettings:
     print_freq: int = 20
     vis_freq: int = 0
     vis_channels: str = ""
+    log_grad_blocks: bool = False
 
 
 @dataclass(frozen=True)

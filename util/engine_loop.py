@@ -24,12 +24,54 @@ import torch
 import util.lr_sched as lr_sched
 from util.distributed import all_reduce_mean
 from util.errors import NonFiniteLossError
-from util.logger import log
+from util.logger import log, warn
 from util.metrics import MetricLogger, SmoothedValue, widen
 from util.precision import autocast
 from util.resume import EpochPosition
 from util.rng import set_rng_state
 from util.sharding import gradient_sync
+
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NanPolicy:
+    """--nan_policy: what a step whose loss (or, without fp16's loss scaler, whose gradients) is not finite does.
+
+    'stop' (the reference's): the run stops with one line (checked at print boundaries, without a per-step sync).
+    'skip': that update is dropped (no optimizer step; the loss is kept out of the averages), a line and a
+    TensorBoard mark ('nan_skipped') say so, and the run stops after `max_skips` such updates in a row; it reads
+    each update's loss and gradient norm back (one host sync per step). Under fp16 non-finite gradients with a
+    finite loss are the loss scaler's business (it skips the step and lowers the scale), not a NaN event.
+    """
+
+    def __init__(self, policy: str = "stop", max_skips: int = 5):
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"--nan_policy must be one of {', '.join(NAN_POLICIES)}, got {policy}")
+        self.policy, self.max_skips, self.in_a_row, self.skipped = policy, max_skips, 0, 0
+
+    @classmethod
+    def of(cls, args: Any) -> "NanPolicy":
+        """The policy of a run's flags (the reference's namespaces have none: 'stop')."""
+        flags = vars(args)
+        return cls(flags.get("nan_policy") or "stop", int(flags.get("nan_max_skips") or 5))
+
+
+def block_grad_norms(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Gradient 2-norm of each block ('blocks.3', 'decoder_blocks.0') and of the other top-level parts
+    ('patch_embed', 'head', ...), on the device (no host sync)."""
+    squares: Dict[str, List[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        parts = name.split(".")
+        if parts[0] in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
+            parts = parts[1:]
+        key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        grad = p.grad.detach()
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        squares.setdefault(key, []).append(grad.float().pow(2).sum())
+    return {k: torch.stack(v).sum().sqrt() for k, v in squares.items()}
 
 
 class StepBoundary:
@@ -114,9 +156,15 @@ class EpochSteps:
         self.model, self.optimizer, self.loss_scaler, self.epoch, self.args = model, optimizer, loss_scaler, epoch, args
         self.accum_iter, self.loss_tag, self.position, self.stop = args.accum_iter, loss_tag, position, stop
         self.clip_grad = clip_grad or None
-        self.clip_params = [p for p in model.parameters() if p.requires_grad] if clip_grad else None
+        # every update measures the total gradient norm (clipped or not): the console, log.txt and TensorBoard
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.nan = NanPolicy.of(args)
+        self.grad_blocks = bool(vars(args).get("log_grad_blocks"))
+        self.log_writer = log_writer
+        self.accum_losses: List[torch.Tensor] = []
         self.meters = MetricLogger(delimiter="  ")
         self.meters.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        self.meters.add_meter("grad_norm", SmoothedValue(fmt="{median:.4f} ({global_avg:.4f})"))
         self.watch = LossWatch(epoch)
         self.scalars = ScalarBuffer(log_writer)
         self.num_steps = 0
@@ -155,30 +203,76 @@ class EpochSteps:
     def _updates(self) -> bool:
         return (self.step + 1) % self.accum_iter == 0
 
+    def _skip(self, norm: Optional[torch.Tensor]) -> bool:
+        """--nan_policy skip: whether this update's losses (and gradients, without fp16's scaler) are not finite."""
+        values = [widen(v).reshape(()) for v in self.accum_losses]
+        if norm is not None and not self.loss_scaler.enabled:
+            values.append(widen(norm).reshape(()))
+        bad = torch.stack(values).isfinite().all().logical_not()
+        return bool(all_reduce_mean(bad.double()) > 0)  # one host sync; every rank drops the same update
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward (and at the accumulation boundary clip and step), then record the step's loss and lr."""
         step, update_grad = self.step, self._updates()
-        self.loss_scaler(loss / self.accum_iter, self.optimizer, clip_grad=self.clip_grad,
-                         parameters=self.clip_params, update_grad=update_grad)
+        skip = self.nan.policy == "skip"
+        if skip:
+            self.accum_losses.append(loss.detach())
+        skipped = []
+        norm = self.loss_scaler(loss / self.accum_iter, self.optimizer, clip_grad=self.clip_grad,
+                                parameters=self.trainable, update_grad=update_grad,
+                                skip=(lambda n: skipped.append(self._skip(n)) or skipped[-1]) if skip else None)
         if update_grad:
+            if self.grad_blocks and self.log_writer is not None and step % self.args.print_freq == 0:
+                epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)
+                for name, value in block_grad_norms(self.model).items():
+                    self.scalars.add(f"grad_norm/{name}", value, epoch_1000x)
             self.optimizer.zero_grad(set_to_none=True)
+            self.accum_losses.clear()
 
         lr = max(group["lr"] for group in self.optimizer.param_groups)
-        loss_value = widen(loss)  # fp64, still on the device: what the NaN check, meters and TensorBoard see
-        self.watch.add(step, loss_value, lr)
-        self.meters.update(loss=loss_value)
-        self.meters.update(lr=lr)
-        if update_grad:
-            loss_value_reduce = all_reduce_mean(loss_value)  # still a tensor: no host sync
-            # x-axis in 1000ths of an epoch, to compare runs with different batch sizes
-            epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)
-            self.scalars.add(self.loss_tag, loss_value_reduce, epoch_1000x)
-            self.scalars.add("lr", lr, epoch_1000x)
+        if skipped and skipped[-1]:
+            self._skipped(step, lr, loss)
+        elif skip and not update_grad:
+            pass  # a micro-step of an accumulation: its loss counts with the update that ends it
+        else:
+            self.nan.in_a_row = 0 if update_grad else self.nan.in_a_row
+            self._record(step, update_grad, lr, loss, norm)
         if step % self.args.print_freq == 0 or step == self.num_steps - 1:
             self.watch.check()  # the only read-back of the loss between prints
             self.scalars.flush()
         if update_grad and self.stop is not None:
             self.stop.step_done(self.epoch, step + 1, self.meters, self.watch.check)
+
+    def _record(self, step: int, update_grad: bool, lr: float, loss: torch.Tensor,
+                norm: Optional[torch.Tensor]) -> None:
+        """The step's loss, lr and (at an update) gradient norm into the meters, the NaN check and TensorBoard."""
+        loss_value = widen(loss)  # fp64, still on the device: what the NaN check, meters and TensorBoard see
+        self.watch.add(step, loss_value, lr)
+        self.meters.update(loss=loss_value)
+        self.meters.update(lr=lr)
+        if update_grad:
+            self.meters.update(grad_norm=norm)
+            loss_value_reduce = all_reduce_mean(loss_value)  # still a tensor: no host sync
+            # x-axis in 1000ths of an epoch, to compare runs with different batch sizes
+            epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)
+            self.scalars.add(self.loss_tag, loss_value_reduce, epoch_1000x)
+            self.scalars.add("lr", lr, epoch_1000x)
+            if norm is not None:
+                self.scalars.add("grad_norm", norm, epoch_1000x)
+            if self.loss_scaler.enabled:
+                self.scalars.add("loss_scale", self.loss_scaler.scale(), epoch_1000x)
+
+    def _skipped(self, step: int, lr: float, loss: torch.Tensor) -> None:
+        """--nan_policy skip dropped this update: a line, a TensorBoard mark, and a stop after too many in a row."""
+        self.nan.in_a_row += 1
+        self.nan.skipped += 1
+        epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)
+        self.scalars.add("nan_skipped", 1.0, epoch_1000x)
+        value = float(widen(loss))
+        warn(f"skipped the update of epoch {self.epoch}, step {step}: the loss ({value}) or the gradients are not "
+             f"finite (--nan_policy skip; {self.nan.in_a_row} in a row, {self.nan.skipped} this epoch)")
+        if self.nan.in_a_row >= self.nan.max_skips:
+            raise NonFiniteLossError(self.epoch, step, lr, value, skipped=self.nan.in_a_row)
 
     def finish(self) -> Dict[str, float]:
         """The global averages of the logged meters ('loss', 'lr') over all processes."""

@@ -5,7 +5,7 @@ References:
 """
 import platform
 from contextlib import nullcontext
-from typing import Dict, Iterable, Optional, Union
+from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -86,7 +86,14 @@ class NativeScalerWithGradNormCount:
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                  clip_grad: Optional[float] = None, parameters: Optional[Iterable] = None,
-                 create_graph: bool = False, update_grad: bool = True) -> Optional[torch.Tensor]:
+                 create_graph: bool = False, update_grad: bool = True,
+                 skip: Optional[Callable[[Optional[torch.Tensor]], bool]] = None) -> Optional[torch.Tensor]:
+        """Backward; at an update, unscale and clip (or only measure) the gradients of `parameters`, then step.
+
+        `skip(norm)` (ours), asked before the step with the gradients' total norm: True drops this update (the
+        optimizer does not step; under fp16 the scale still adapts, as for any update with non-finite gradients).
+        Returns the total norm before clipping (None without `parameters`).
+        """
         if self._scaler is not None:
             self._scaler.scale(loss).backward(create_graph=create_graph)
         else:
@@ -103,12 +110,20 @@ class NativeScalerWithGradNormCount:
                 norm = clip_grad_norm_(parameters, clip_grad)
             else:
                 norm = get_grad_norm_(parameters)
+        if skip is not None and skip(norm):
+            if self._scaler is not None:
+                self._scaler.update()  # the unscale above found the non-finite gradients: the scale backs off
+            return norm
         if self._scaler is not None:
             self._scaler.step(optimizer)
             self._scaler.update()
         else:
             optimizer.step()
         return norm
+
+    def scale(self) -> Optional[torch.Tensor]:
+        """The fp16 loss scale as a device tensor (no host sync), or None without a GradScaler."""
+        return self._scaler._get_scale_async() if self._scaler is not None else None
 
     def state_dict(self) -> Dict:
         return self._scaler.state_dict() if self._scaler is not None else {}
@@ -132,6 +147,8 @@ def get_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     device = grads[0].device
     if norm_type == float("inf"):
         return max(g.abs().max().to(device) for g in grads)
+    if all(g.device == device for g in grads):  # one fused kernel per dtype instead of one per tensor
+        return torch.norm(torch.stack(torch._foreach_norm(grads, norm_type)), norm_type)
     return torch.norm(torch.stack([torch.norm(g, norm_type).to(device) for g in grads]), norm_type)
 
 
