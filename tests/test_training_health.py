@@ -69,7 +69,8 @@ def test_every_update_logs_its_total_gradient_norm():
     logged = [v for t, v in writer.tags("grad_norm") if t == "grad_norm"]
     np.testing.assert_allclose(logged, expected, rtol=1e-6)
     stats = steps.finish()
-    assert stats["grad_norm"] == pytest.approx(np.mean(expected), rel=1e-6)
+    assert steps.meters.grad_norm.global_avg == pytest.approx(np.mean(expected), rel=1e-6)
+    assert set(stats) == {"loss", "lr"}  # log.txt keeps the reference's keys
     # per part: blocks.0, blocks.1, patch_embed, whose squares add up to the total
     first = {t: v for t, v in writer.tags("grad_norm/")[:3]}
     assert sorted(first) == ["grad_norm/blocks.0", "grad_norm/blocks.1", "grad_norm/patch_embed"]
@@ -91,7 +92,7 @@ def test_skip_drops_a_non_finite_update_and_stops_after_k_in_a_row(capsys):
     assert len(applied) == 3  # the optimizer never stepped on the NaN batch
     assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # the weights did not move
     stats = steps.finish()
-    assert np.isfinite(stats["loss"]) and np.isfinite(stats["grad_norm"])  # kept out of the averages
+    assert np.isfinite(stats["loss"]) and np.isfinite(steps.meters.grad_norm.global_avg)  # out of the averages
     assert writer.tags("nan_skipped") == [("nan_skipped", 1.0)]
     assert "skipped the update of epoch 0, step 1: the loss (nan)" in capsys.readouterr().err
     with pytest.raises(NonFiniteLossError, match="2 updates in a row had a non-finite loss"):
@@ -122,7 +123,7 @@ def test_a_nan_image_is_skipped_by_the_entry_point_or_stops_it(tmp_path):
             "--log_dir", ""]
     proc = run_entry(main_pretrain, *args, "--nan_policy", "skip", "--output_dir", tmp_path / "skip")
     assert proc.stderr.count("skipped the update of epoch") == 2  # once per epoch
-    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["train_grad_norm"]) for r in read_log(tmp_path / "skip"))
+    assert all(np.isfinite(r["train_loss"]) for r in read_log(tmp_path / "skip"))
     proc = run_entry(main_pretrain, *args, "--nan_policy", "skip", "--nan_max_skips", "1", "--output_dir",
                      tmp_path / "stop", check=False)
     assert proc.returncode == 1 and "1 updates in a row had a non-finite loss" in proc.stderr

@@ -33,6 +33,7 @@ from util.sharding import gradient_sync
 
 
 NAN_POLICIES = ("stop", "skip")
+CONSOLE_ONLY = ("grad_norm",)  # meters printed (and in TensorBoard) but kept out of log.txt, whose keys are the reference's
 
 
 class NanPolicy:
@@ -275,12 +276,13 @@ class EpochSteps:
             raise NonFiniteLossError(self.epoch, step, lr, value, skipped=self.nan.in_a_row)
 
     def finish(self) -> Dict[str, float]:
-        """The global averages of the logged meters ('loss', 'lr') over all processes."""
+        """The global averages of the logged meters ('loss', 'lr') over all processes: log.txt's train_* (the
+        reference's keys; the gradient norm is printed and in TensorBoard, not in log.txt)."""
         self.watch.check()
         self.scalars.flush()
         self.meters.synchronize_between_processes()
         log("Averaged stats:", self.meters)
-        return {k: meter.global_avg for k, meter in self.meters.meters.items()}
+        return {k: meter.global_avg for k, meter in self.meters.meters.items() if k not in CONSOLE_ONLY}
 
 
 def train_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
