@@ -15,7 +15,7 @@ from helpers import ROOT
 LAYERS = [
     ("base", ["util.errors", "util.logger", "util.compat", "util.registry", "util.pos_embed", "util.lr_sched",
               "util.lr_decay", "util.lars", "util.crop", "util.layers", "util.masking", "util.visualize",
-              "util.optional", "util.recipes", "util.config", "util.flag_checks", "util.rng"]),
+              "util.optional", "util.recipes", "util.config", "util.flag_checks", "util.rng", "util.tracking"]),
     ("distributed", ["util.distributed"]),
     ("precision", ["util.precision", "util.metrics", "util.perf"]),
     ("sharding", ["util.sharding"]),
@@ -44,6 +44,7 @@ LAZY_OK = {
     # optional dependencies (requirements-data.txt), needed only for shards and Hugging Face datasets
     ("util.sources", "wids"), ("util.hf_datasets", "datasets"), ("util.sources", "braceexpand"), ("make_shards", "webdataset"),
     ("util.pixels", "tifffile"),
+    ("util.tracking", "wandb"),  # optional (requirements-wandb.txt), only with --wandb
     *(("util.dali_graph", m) for m in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.math", "nvidia.dali.types",
                                        "nvidia.dali.auto_aug", "nvidia.dali.auto_aug.core")),
     ("util.dali", "nvidia.dali.plugin.pytorch"),

@@ -16,6 +16,7 @@ from util.engine_loop import NAN_POLICIES
 from util.errors import NonFiniteLossError, Preempted, UserError
 from util.layers import ATTN_IMPLS, PATCH_EMBED_IMPLS
 from util.precision import AMP_DTYPES
+from util.tracking import WANDB_MODES
 
 Groups = Dict[str, Any]  # group title -> argparse argument group
 
@@ -192,6 +193,15 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                            "that update and go on, stopping after --nan_max_skips in a row (one host sync per step)")
     ours.add_argument("--nan_max_skips", default=5, type=int, metavar="K",
                       help="--nan_policy skip: stop after K skipped updates in a row")
+    ours.add_argument("--wandb", action="store_true",
+                      help="also log to Weights & Biases (pip install -r requirements-wandb.txt): per-update "
+                           "scalars, each epoch's log.txt row, the pictures; a resumed run continues its W&B run")
+    ours.add_argument("--wandb_project", default="mae", help="the W&B project (with --wandb)")
+    ours.add_argument("--wandb_name", default=None,
+                      help="the W&B run name (default: the --output_dir folder's name)")
+    ours.add_argument("--wandb_mode", default=None, choices=WANDB_MODES,
+                      help="online, or offline: written under --output_dir/wandb for `wandb sync` later, no network "
+                           "needed (default: WANDB_MODE, else online)")
     ours.add_argument("--log_grad_blocks", action="store_true",
                       help="also write each block's gradient norm to TensorBoard (grad_norm/blocks.N) at every "
                            "--print_freq step; the total norm is always logged")

@@ -160,6 +160,10 @@ class CheckpointSettings:
     vis_freq: int = 0
     vis_channels: str = ""
     log_grad_blocks: bool = False
+    wandb: bool = False
+    wandb_project: str = "mae"
+    wandb_name: Optional[str] = None
+    wandb_mode: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -121,8 +121,12 @@ class ScalarBuffer:
             self.rows.append((tag, value.detach() if torch.is_tensor(value) else value, step))
 
     def flush(self) -> None:
-        for tag, value, step in self.rows:
-            self.log_writer.add_scalar(tag, float(value), step)
+        rows = [(tag, float(value), step) for tag, value, step in self.rows]
+        if hasattr(self.log_writer, "add_step_scalars"):  # util.tracking.Writers: TensorBoard and W&B
+            self.log_writer.add_step_scalars(rows)
+        else:
+            for tag, value, step in rows:
+                self.log_writer.add_scalar(tag, value, step)
         self.rows.clear()
 
 

@@ -10,11 +10,11 @@ import torch
 from util.errors import UserError
 
 
-def require_package(module: str, what: str) -> None:
-    """A one-line error naming the install when an optional data package (requirements-data.txt) is missing."""
+def require_package(module: str, what: str, extra: str = "requirements-data.txt") -> None:
+    """A one-line error naming the install when an optional package (of requirements-data.txt, or `extra`) is
+    missing."""
     if importlib.util.find_spec(module) is None:
-        raise UserError(f"{what} needs the {module} package, which is not installed: "
-                        f"pip install -r requirements-data.txt")
+        raise UserError(f"{what} needs the {module} package, which is not installed: pip install -r {extra}")
 
 
 def dali_available() -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
 
+import util.tracking as tracking
 from util.checkpoint import load_pretrained, to_plain
 from util.config import Settings
 from util.distributed import get_world_size, is_main_process
@@ -170,6 +171,15 @@ def tensorboard_writer(log_dir: str, start_epoch: int, position: Optional[EpochP
     return SummaryWriter(log_dir=log_dir, purge_step=int(start * 1000) if start > 0 else None)
 
 
+def wandb_run(settings: Settings) -> Optional[Any]:
+    """The W&B run of --wandb (rank 0), or None."""
+    c = settings.ckpt
+    if not c.wandb or not is_main_process():
+        return None
+    name = c.wandb_name or os.path.basename(os.path.normpath(c.output_dir)) or None
+    return tracking.start_wandb(c.wandb_project, name, c.wandb_mode, c.output_dir, to_plain(vars(settings.args)))
+
+
 class Run(StepBoundary):
     """The epochs of a training run: resume, TensorBoard, log.txt, checkpoints, stop signals.
 
@@ -193,8 +203,10 @@ class Run(StepBoundary):
                                                 settings.optim.accum_iter)
         del resumed  # the position is all the loop needs: do not hold the checkpoint's tensors
         start_run(settings)
-        self.log_writer = tensorboard_writer(self.ckpt.log_dir, self.optim.start_epoch, self.first_position,
-                                             len(data_loader_train), enabled=self.optim.epochs_left > 0)
+        self.log_writer = tracking.writers(
+            tensorboard_writer(self.ckpt.log_dir, self.optim.start_epoch, self.first_position,
+                               len(data_loader_train), enabled=self.optim.epochs_left > 0),
+            wandb_run(settings) if self.optim.epochs_left > 0 else None)
         self.log_path = os.path.join(self.ckpt.output_dir, "log.txt") if self.ckpt.output_dir else None
         self.guard = StopGuard(self.ckpt.save_every_minutes, settings.dist.dist_timeout)
         self._fingerprint: List[str] = []  # of the training set, hashed at the first mid-epoch save only
@@ -264,6 +276,8 @@ class Run(StepBoundary):
                 self.log_writer.flush()
             with open(self.log_path, mode="a", encoding="utf-8") as f:
                 f.write(json.dumps(log_stats) + "\n")
+        if self.log_writer is not None:
+            self.log_writer.epoch_row(log_stats)
         last = epoch + 1 == self.optim.epochs
         save_epoch(self.settings.args, epoch, self.model, self.model_without_ddp, self.optimizer, self.loss_scaler,
                    numbered or last)

@@ -50,7 +50,7 @@ HF_COLUMNS = ("image_column", "label_column")  # run-defining only where --data_
 # resolved before they are recorded: a None saved then is not a difference
 RESOLVED_SINCE = frozenset({"crop_scale", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"})
 EFF_BATCH = "eff_batch_size"
-RUN_FILES = ("args.json", "log.txt")
+RUN_FILES = ("args.json", "log.txt", "wandb_run_id")  # wandb_run_id: util/tracking.py
 
 
 def settings_of(args: Dict[str, Any]) -> Dict[str, Any]:
