@@ -78,7 +78,9 @@ def loader_stream(args: argparse.Namespace, kind: str) -> Tuple[Iterator, Dict[s
     else:
         recipe = finetune_recipe_of_defaults(args.input_size) if args.transform == "finetune" \
             else pretrain_recipe(args.input_size)
-        dataset = open_split(args.data_path, "train", unlabeled_ok=True)  # a folder, shards, a HF dataset
+        dataset = open_split(args.data_path, "train", unlabeled_ok=True, in_chans=args.in_chans)  # any source
+        if args.in_chans != 3:  # the throughput does not depend on the statistics
+            recipe = recipe.normalized((0.5,) * args.in_chans, (0.25,) * args.in_chans)
         # DALI checks every file first (util/dali.py): part of the set-up time
         loader = loaders.train_loader(kind, dataset, recipe, args.batch_size, args.num_workers, True, 0, device)
     setup_s = time.perf_counter() - start
@@ -263,6 +265,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="data mode: also write the training images as WebDataset shards (make_shards.py) in a "
                            "temporary folder and time each --data_loader on them, next to the files")
     data.add_argument("--shard_size", type=int, default=1000, help="images per shard for --shards")
+    data.add_argument("--in_chans", type=int, default=3,
+                      help="data mode: channels per image of --data_path (other than 3: read at full precision, "
+                           "util/pixels.py)")
     data.add_argument("--data_loader", nargs="+", choices=loaders.LOADERS, default=["torch"],
                       help="the loader(s) to time, one after the other in this process (dali: NVIDIA DALI with "
                            "--num_workers threads)")

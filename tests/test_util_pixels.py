@@ -3,6 +3,8 @@ TIFF folders pre-train, reconstruct and fine-tune; 1-channel images stay 1 chann
 RGB checkpoints fine-tune into N-channel models; N-channel exports load in timm and Hugging Face."""
 import argparse
 import os
+import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,12 +19,12 @@ import main_knn
 import main_linprobe
 import main_pretrain
 import models_mae
-from helpers import TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
+from helpers import ROOT, TINY_CLS, TINY_PRETRAIN, load, read_log, run_entry
 from util import formats
 from util.checkpoint import adapt_input_channels
 from util.datasets import ImageFolder
 from util.pixels import ChannelError, load_pixels
-from util.recipes import eval_recipe, pretrain_recipe
+from util.recipes import eval_recipe, finetune_recipe, pretrain_recipe
 from util.resume import save_model
 from util.transforms import torch_transform
 from util.visualize import draw_reconstructions, panel_pixels, reconstruct, shown_channels
@@ -110,9 +112,40 @@ def test_compute_stats_equals_numpy_on_the_same_files(tmp_path):
     np.testing.assert_allclose(_stats(rgb, 3)["mean"], values.mean(axis=1), rtol=1e-12)
 
 
-def test_rgb_images_are_read_as_before():
-    recipe = eval_recipe(32)
-    assert not recipe.float_pixels and not recipe.for_dataset(object()).float_pixels
+def test_rgb_images_are_read_as_before_and_a_npy_file_switches_the_folder(tmp_path):
+    from torchvision.datasets.folder import default_loader
+
+    def png(path, rng):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(path)
+
+    data = _array_folder(tmp_path / "rgb", png, ".png")
+    dataset = ImageFolder(str(data / "train"))
+    image, _ = dataset.load(0)  # the reference's loader: an 8-bit RGB PIL image, the same pixels
+    assert not dataset.float_pixels and isinstance(image, Image.Image)
+    assert np.array_equal(np.asarray(image), np.asarray(default_loader(dataset.samples[0][0])))
+    assert not eval_recipe(32).for_dataset(dataset).float_pixels
+    np.save(data / "train" / "class0" / "z.npy", np.zeros((10, 12, 3), np.float32))
+    mixed = ImageFolder(str(data / "train"))
+    assert mixed.float_pixels and torch.equal(mixed.load(0)[0], torch.from_numpy(
+        np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255))  # the same values, as floats
+
+
+def test_damaged_or_channels_first_arrays_are_named(tmp_path):
+    d = tmp_path / "d" / "class0"
+    d.mkdir(parents=True)
+    np.save(d / "a.npy", np.ones((6, 5, 2), np.float32))
+    (d / "b_empty.npy").write_bytes(b"")
+    dataset = ImageFolder(str(tmp_path / "d"), in_chans=2)
+    assert torch.equal(dataset.load(1)[0], dataset.load(0)[0]) and dataset.skipped == 1  # skipped, not a crash
+    np.save(d / "c.npy", np.ones((2, 6, 5), np.float32))  # torch's C x H x W, saved as it is
+    with pytest.raises(ChannelError, match="shape 2 x 6 x 5, channels first"):
+        load_pixels(d / "c.npy", 2)
+
+
+def test_fine_tuning_augments_three_channel_arrays_with_its_colour_jitter():
+    recipe = finetune_recipe(32, aa="none", color_jitter=0.4, reprob=0.25).normalized((0.5,) * 3, (0.2,) * 3)
+    out = torch_transform(replace(recipe, float_pixels=True))(torch.rand(3, 40, 36))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------
@@ -142,6 +175,14 @@ def test_a_multichannel_folder_pretrains_reconstructs_and_finetunes(make, suffix
     assert grey.shape == (2 * chans, 4, 32, 32, 3)
     figure = draw_reconstructions(panels, 0.75, mean=ckpt["args"]["mean"], std=ckpt["args"]["std"])
     assert len(figure.cells) == 2
+    # and the visualizer draws an image file with the checkpoint's channels and statistics
+    sys.path.insert(0, os.path.join(ROOT, "demo"))
+    import mae_visualize
+    image = dataset.samples[0][0]
+    proc = run_entry(mae_visualize, "--checkpoint", pre / "checkpoint-0.pth", "--output_dir", tmp_path / "vis",
+                     "--channels", "grey", image)
+    assert "_mae.png" in proc.stdout
+    assert np.asarray(Image.open(next((tmp_path / "vis").iterdir()))).shape[0] > 3 * figure.pixels.shape[0] / 2
     ft = tmp_path / "ft"
     run_entry(main_finetune, *TINY_CLS, "--epochs", "1", "--data_path", data, "--in_chans", chans, *stats,
               "--nb_classes", "2", "--aa", "none", "--finetune", pre / "checkpoint-0.pth", "--output_dir", ft,

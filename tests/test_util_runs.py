@@ -23,7 +23,8 @@ def test_settings_that_may_change_and_the_effective_batch():
                accum_iter=1, world_size=2, epochs=10, num_workers=10, amp="none", output_dir="a",
                data_path="data/", drop_path=0.1)
     same = dict(run, epochs=20, num_workers=0, amp="bf16", output_dir="b", print_freq=5, data_path="./data",
-                batch_size=2, accum_iter=2, world_size=2)  # 4 x 1 x 2 == 2 x 2 x 2
+                batch_size=2, accum_iter=2, world_size=2,  # 4 x 1 x 2 == 2 x 2 x 2
+                vis_channels="3,2,1", nan_policy="skip", nan_max_skips=3, wandb=True, log_grad_blocks=True)
     assert runs.differences(run, same) == []
     other = dict(run, blr=2e-3, lr=3e-5, drop_path=0.2, batch_size=8)
     diffs = runs.differences(run, other)

@@ -214,6 +214,22 @@ def test_a_hugging_face_dataset_fine_tunes_as_its_folder(cls_data, pretrained, t
     assert _knn_lines(hf.stdout) == _knn_lines(folder.stdout) and len(_knn_lines(folder.stdout)) == 2
 
 
+def test_shards_of_npy_arrays_are_read_at_full_precision_as_their_folder(tmp_path):
+    import make_shards
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / "d" / split / f"class{c}").mkdir(parents=True)
+            for i in range(3):
+                np.save(tmp_path / "d" / split / f"class{c}" / f"{i}.npy", rng.random((8, 9, 3), dtype=np.float32))
+    run_entry(make_shards, "--data_path", tmp_path / "d", "--output_dir", tmp_path / "sh", "--maxcount", "4")
+    folder, shards = ImageFolder(str(tmp_path / "d" / "train")), sources.open_split(str(tmp_path / "sh"), "train")
+    assert folder.float_pixels and shards.float_pixels
+    assert all(torch.equal(folder.load(i)[0], shards.load(i)[0]) and folder.load(i)[1] == shards.load(i)[1]
+               for i in range(len(folder)))
+
+
 def test_a_brace_pattern_names_training_shards(cls_data, shards):
     pattern = os.path.join(shards, "train", "train-{000000..000002}.tar")
     _same_samples(ImageFolder(os.path.join(cls_data, "train")), sources.open_split(pattern, "train"))

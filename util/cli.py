@@ -114,8 +114,8 @@ def _add_data_args(parser: argparse.ArgumentParser, group: Any, training: bool) 
                        help="the label column of a Hugging Face dataset in --data_path")
     group.add_argument("--in_chans", default=3, type=int, metavar="N",
                        help="channels per image: 3 reads 8-bit RGB as the reference; any other N (and any folder "
-                            "of .npy or TIFF arrays) reads each image at full precision with N channels "
-                            "(util/pixels.py)")
+                            "holding .npy arrays) reads each image at full precision with N channels: .npy, TIFF, "
+                            "16-bit PNG (util/pixels.py)")
     group.add_argument("--mean", default=None, type=float, nargs="+", metavar="M",
                        help="per-channel mean the images are normalised with, --in_chans numbers (default: "
                             "ImageNet's for 3 channels; required for other N: compute_stats.py prints them)")

@@ -18,7 +18,7 @@ from torchvision import datasets
 
 from util.distributed import broadcast_object, is_main_process
 from util.errors import DataError, UserError
-from util.logger import warn
+from util.logger import log, warn
 from util.pixels import ARRAY_ONLY, load_pixels
 from util.samplers import ResumableSampler, ShardSampler, check_one_batch, eval_sampler, train_sampler
 from util.transforms import build_transform
@@ -31,7 +31,7 @@ __all__ = ["BadSamplePolicy", "ImageFolder", "READ_ERRORS", "ResumableSampler", 
 IMAGE_FILE_EXTENSIONS = (*datasets.folder.IMG_EXTENSIONS, ".npy")
 
 # what opening or decoding a damaged image raises, in PIL and in our checks: the files the bad-file policy skips
-READ_ERRORS = (OSError, ValueError, SyntaxError, PIL.UnidentifiedImageError, Image.DecompressionBombError)
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.UnidentifiedImageError, Image.DecompressionBombError)
 
 
 # ----------------------------------------------------------------------------
@@ -151,6 +151,9 @@ class ImageFolder(BadSamplePolicy, datasets.ImageFolder):
         self.imgs = self.samples
         self.in_chans = in_chans
         self.float_pixels = reads_pixels(in_chans, (p for p, _ in self.samples))
+        if self.float_pixels and in_chans == 3:
+            log(f"{root} holds .npy arrays: reading every image of it at full precision as float tensors "
+                f"(util/pixels.py), not as 8-bit RGB")
         self._track_bad_samples(len(self.samples), strict)
 
     @staticmethod

@@ -64,8 +64,8 @@ def _dali_can_read(dataset: Any) -> None:
     require_dali()
     if getattr(getattr(dataset, "dataset", dataset), "float_pixels", False):
         raise UserError(f"--data_loader dali decodes 8-bit RGB images; {dataset.root} is read as "
-                        f"{dataset.in_chans}-channel arrays at full precision (--in_chans, .npy / TIFF): use "
-                        f"--data_loader torch")
+                        f"{dataset.in_chans}-channel images at full precision (--in_chans other than 3, or .npy "
+                        f"files): use --data_loader torch")
     if not (hasattr(dataset, "samples") or hasattr(dataset, "encoded")):
         raise UserError(f"--data_loader dali cannot read {type(dataset).__name__} ({dataset.root}); use "
                         f"--data_loader torch")

@@ -83,8 +83,13 @@ def to_chw(values: np.ndarray, in_chans: int, name: str) -> np.ndarray:
     if channels == 1 and in_chans == 3:
         values = np.repeat(values, 3, axis=0)
     elif channels != in_chans:
-        raise ChannelError(f"{name} has {channels} channel(s) (shape {tuple(values.shape[1:])} x {channels}), "
-                           f"--in_chans is {in_chans}: give every image {in_chans} channels, or set --in_chans "
+        stored = tuple(values.shape[1:]) + (channels,)
+        if name.lower().endswith(".npy") and values.shape[1] == in_chans:  # [C, H, W] saved as it is in torch
+            shape = (values.shape[1], values.shape[2], values.shape[0])  # as saved
+            raise ChannelError(f"{name} holds an array of shape {' x '.join(map(str, shape))}, channels first (C x H x "
+                               f"W); .npy images are H x W x C: save it as array.transpose(1, 2, 0)")
+        raise ChannelError(f"{name} has {channels} channel(s) (H x W x C = {' x '.join(map(str, stored))}), "
+                           f"--in_chans is {in_chans}: give every image {in_chans} channel(s), or set --in_chans "
                            f"{channels}")
     return values
 

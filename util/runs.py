@@ -37,7 +37,10 @@ MAY_CHANGE = frozenset({
     "pin_mem", "strict_data", "dist_eval",
     "batch_size", "accum_iter", "world_size", "rank", "gpu", "local_rank", "distributed", "dist_backend", "dist_url",
     "dist_on_itp", "dist_timeout",
-    "output_dir", "log_dir", "print_freq", "save_freq", "save_every_minutes", "vis_freq", "knn_freq",
+    "output_dir", "log_dir", "print_freq", "save_freq", "save_every_minutes", "vis_freq", "vis_channels", "knn_freq",
+    "log_grad_blocks", "wandb", "wandb_project", "wandb_name", "wandb_mode",
+    # what a non-finite step does: a run stopped by a NaN may continue with --nan_policy skip
+    "nan_policy", "nan_max_skips",
     "knn_data_path", "knn_max_train",
     "resume", "start_epoch", "auto_resume", "overwrite", "eval", "entry",
     # the submitit launchers' own flags

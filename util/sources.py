@@ -97,8 +97,9 @@ def _key_and_field(name: str) -> Tuple[str, str]:
     return os.path.join(folder, stem), field.lower()
 
 
-def scan_shard(path: str) -> Tuple[int, List[int]]:
-    """(samples, their labels, -1 where a sample has no .cls) of one tar shard, read member by member."""
+def scan_shard(path: str, fields: Optional[set] = None) -> Tuple[int, List[int]]:
+    """(samples, their labels, -1 where a sample has no .cls) of one tar shard, read member by member; the image
+    fields met (jpg, npy, ...) are added to `fields` when given."""
     keys: Dict[str, int] = {}
     try:
         with tarfile.open(path, "r") as tar:
@@ -109,6 +110,8 @@ def scan_shard(path: str) -> Tuple[int, List[int]]:
                 keys.setdefault(key, -1)
                 if field == "cls":
                     keys[key] = int(tar.extractfile(member).read().decode().strip())
+                elif fields is not None and field in IMAGE_KEYS:
+                    fields.add(field)
     except (tarfile.TarError, OSError, ValueError) as e:
         raise DataError(f"cannot read shard {path}: {e}; rewrite it (make_shards.py) or remove it") from None
     return len(keys), list(keys.values())
@@ -124,16 +127,17 @@ def write_shard_index(folder: str, shards: Sequence[str], classes: Optional[Sequ
                       name: str = SHARD_INDEX) -> Dict[str, Any]:
     """Scan `shards` and write folder/shards.json: wids' shard list (url, nsamples) and the class names (given,
     or '0'..'K-1' from the labels found)."""
-    shardlist, top = [], -1
+    shardlist, top, fields = [], -1, set()
     for path in shards:
-        n, labels = scan_shard(path)
+        n, labels = scan_shard(path, fields)
         if labels and min(labels) < 0:
             raise DataError(f"shard {path} has samples without a .cls label; write the label of each sample as "
                             f"<key>.cls (webdataset.TarWriter: 'cls')")
         top = max([top, *labels])
         shardlist.append({"url": os.path.relpath(path, folder), "nsamples": n, **_stamp(path)})
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": shardlist,
-             "classes": list(classes) if classes is not None else [str(i) for i in range(top + 1)]}
+             "classes": list(classes) if classes is not None else [str(i) for i in range(top + 1)],
+             "image_fields": sorted(fields)}
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(index, f, indent=1)
@@ -152,7 +156,8 @@ def shard_index(folder: str, shards: Sequence[str], name: str = SHARD_INDEX,
             with open(path) as f:
                 index = json.load(f)
             listed = [(s["url"], s.get("size"), s.get("mtime_ns")) for s in index["shardlist"]]
-            if listed == [(n, *_stamp(os.path.join(folder, n)).values()) for n in names]:
+            current = listed == [(n, *_stamp(os.path.join(folder, n)).values()) for n in names]
+            if current and "image_fields" in index:  # (indexes written before image fields were recorded: again)
                 return index
         if not os.access(folder, os.W_OK):
             raise UserError(f"{folder} holds shards without an up-to-date {SHARD_INDEX} and is read-only: run "
@@ -184,11 +189,13 @@ class ShardDataset(BadSamplePolicy, Dataset):
                  classes: Optional[Sequence[str]] = None, in_chans: int = 3):
         require_package("wids", "reading WebDataset shards")
         self.root, self.folder = folder, folder
-        self.in_chans, self.float_pixels = in_chans, in_chans != 3  # members are not listed: by the flag alone
+        self.in_chans = in_chans
         index = shard_index(folder, shards, index_name, classes)
         self.shardlist = [{"url": os.path.join(folder, s["url"]), "nsamples": s["nsamples"]}
                           for s in index["shardlist"]]
         self.classes = list(index["classes"])
+        # as a folder: full precision for other than 3 channels, or where the shards hold .npy arrays
+        self.float_pixels = reads_pixels(in_chans, (f".{f}" for f in index.get("image_fields", ())))
         self._len = sum(s["nsamples"] for s in self.shardlist)
         self._reader: Optional[Any] = None
         self._reader_pid = -1
@@ -227,8 +234,9 @@ class ShardDataset(BadSamplePolicy, Dataset):
         data, field, label = self._member(index)
         if self.float_pixels:
             return load_pixels(data, self.in_chans, f"{self.describe(index)}.{field}"), label
-        if field == "npy":
-            raise DataError(f"{self.describe(index)} is a .npy array: read arrays with --in_chans N (their channels)")
+        if field == "npy":  # an index written before image_fields were recorded
+            raise DataError(f"{self.describe(index)} is a .npy array and {self.folder}'s {SHARD_INDEX} does not list "
+                            f"its image fields: rebuild it with `python make_shards.py --index {self.folder}`")
         return load_image(io.BytesIO(data)), label
 
     def describe(self, index: int) -> str:

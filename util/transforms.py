@@ -8,6 +8,7 @@ reference's names stay: `build_transform(is_train, args)` (fine-tuning), and `pr
 `linprobe_transform`, `eval_transform`.
 """
 import re
+from dataclasses import replace
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
@@ -104,6 +105,8 @@ def _float_pixels(recipe: Recipe) -> Callable:
     if recipe.color_jitter and channels != 3:
         raise UserError(f"colour jitter needs RGB images, these have {channels} channels; leave --color_jitter "
                         f"unset (pre-training: --pretrain_aug crop_rand)")
+    if isinstance(recipe.color_jitter, (int, float)) and recipe.color_jitter:  # fine-tuning's one number, as timm
+        recipe = replace(recipe, color_jitter=(float(recipe.color_jitter),) * 3)
     steps = [*_crop_steps(recipe), transforms.Normalize(recipe.mean, recipe.std)]
     if recipe.train and recipe.reprob > 0:
         steps.append(RandomErasing(recipe.reprob, mode=recipe.remode, max_count=recipe.recount, device="cpu"))
