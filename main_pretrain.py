@@ -21,11 +21,12 @@ from engine_pretrain import train_one_epoch
 from util.config import ModelSettings, Settings, settings_from_flags
 from util.sources import open_split
 from util.distributed import is_main_process
-from util.errors import UserError
+from util.errors import DataError, UserError
 from util.flag_checks import check_pretrain_flags
 from util.knn import encoder_features, knn_evaluate, knn_loaders
 from util.logger import log
 from util.masking import MASK_TYPES, check_mask_type
+from util.online_probe import STATE_KEY as PROBE_KEY, OnlineProbe
 from util.precision import make_loss_scaler
 from util.recipes import PRETRAIN_AUGS, eval_recipe, pretrain_recipe
 from util.transforms import torch_transform
@@ -69,6 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                            help="ImageFolder with train/ and val/ for --knn_freq (default: --data_path)")
     g["ours"].add_argument("--knn_max_train", default=10000, type=int, metavar="N",
                            help="use at most N training images (a fixed random subset) for --knn_freq")
+    g["ours"].add_argument("--online_probe", action="store_true",
+                           help="train a linear probe (BatchNorm + linear, its own AdamW) on the detached class token "
+                                "of each training forward, and log its train and val top-1 every epoch "
+                                "(labelled data only; see PRETRAIN.md)")
+    g["ours"].add_argument("--probe_lr", default=1e-3, type=float, help="the online probe's AdamW learning rate")
     ablation.add_argument("--pretrain_aug", default="crop_rand", choices=PRETRAIN_AUGS,
                           help="pre-training augmentation (Table 1e): none, crop_fixed, crop_rand (the reference: "
                                "random resized crop 0.2-1 + flip), crop_rand_color (+ color jitter); see PRETRAIN.md")
@@ -133,6 +139,42 @@ def knn_monitor(model: torch.nn.Module, knn: Tuple[Any, Any], settings: Settings
     return {"knn_acc1": top1, "knn_acc5": top5}
 
 
+def online_probe(settings: Settings, mae: torch.nn.Module, dataset_train: Any) -> Tuple[OnlineProbe, Any]:
+    """--online_probe: the probe (attached to the MAE's encoder) and the validation loader it is measured on (None
+    without a val split)."""
+    data = settings.data
+    if not dataset_train.classes:
+        raise UserError(f"--online_probe needs labelled images (train/<class>/..., labelled shards or a Hugging "
+                        f"Face dataset); {data.data_path} has none")
+    probe = OnlineProbe(mae.cls_token.shape[-1], len(dataset_train.classes), settings.knn.probe_lr)
+    probe.to(settings.device).attach(mae)
+    try:
+        dataset_val = open_split(data.data_path, "val", data.strict_data, image_column=data.image_column,
+                                 label_column=data.label_column, in_chans=data.in_chans)
+    except DataError:
+        log("--online_probe: no val split in --data_path, only the training accuracy is logged")
+        return probe, None
+    loader = loaders.eval_loader("torch", dataset_val, eval_recipe(data.input_size).normalized(data.mean, data.std),
+                                 data.batch_size, data.num_workers, data.pin_mem, dist_eval=True,
+                                 device=settings.device, keep_workers=False)
+    return probe, loader
+
+
+def probe_monitor(probe: OnlineProbe, val_loader: Any, mae: torch.nn.Module, settings: Settings, log_writer,
+                  epoch: int, train_stats: Dict[str, float]) -> Dict[str, float]:
+    """The online probe's validation top-1 (log.txt 'probe_val_acc1'), and both accuracies to TensorBoard."""
+    out = {}
+    if val_loader is not None:
+        out["probe_val_acc1"] = probe.evaluate(mae, val_loader, settings.device, settings.precision.amp)
+        log(f"online probe: top-1 {train_stats['probe_acc1']:.1f}% on the training batches, "
+            f"{out['probe_val_acc1']:.1f}% on the {len(val_loader.dataset)} validation images")
+    if log_writer is not None:
+        log_writer.add_scalar("probe_train_acc1", train_stats["probe_acc1"], epoch)
+        for name, value in out.items():
+            log_writer.add_scalar(name, value, epoch)
+    return out
+
+
 def main(args: argparse.Namespace) -> None:
     """Pre-train an MAE on the ImageFolder at args.data_path/train."""
     given = settings_from_flags(vars(args))
@@ -185,7 +227,10 @@ def main(args: argparse.Namespace) -> None:
                       data.pin_mem, device, k.knn_max_train, data.strict_data, data.image_column,
                       data.label_column, data.in_chans, data.mean, data.std) if k.knn_freq else None
 
-    run = runner.Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    probe, probe_val = online_probe(settings, model_without_ddp, dataset_train) if k.online_probe else (None, None)
+
+    run = runner.Run(settings, model, model_without_ddp, optimizer, loss_scaler, data_loader_train,
+                     extras={PROBE_KEY: probe} if probe is not None else None)
     log_writer = run.log_writer
     if log_writer is None:
         vis_images = None  # nothing to draw into (a finished run's rerun)
@@ -194,13 +239,16 @@ def main(args: argparse.Namespace) -> None:
         for epoch in run.epochs():
             train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                           log_writer=log_writer, args=settings.args,
-                                          position=run.position(epoch), stop=run)
+                                          position=run.position(epoch), stop=run, probe=probe)
             last = epoch + 1 == optim.epochs
             if vis_images is not None and (epoch % ckpt.vis_freq == 0 or last):
                 log_reconstructions(log_writer, model_without_ddp, vis_images, epoch, m.mask_ratio, device, data,
                                     channels)
             monitored = knn_monitor(model_without_ddp, knn, settings, log_writer, epoch) \
                 if knn is not None and (epoch % k.knn_freq == 0 or last) else {}
+            if probe is not None:
+                monitored.update(probe_monitor(probe, probe_val, model_without_ddp, settings, log_writer, epoch,
+                                               train_stats))
             run.end_epoch(epoch, train_stats, monitored=monitored, numbered=epoch % ckpt.save_freq == 0)
 
 

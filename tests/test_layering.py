@@ -23,7 +23,7 @@ LAYERS = [
     ("data", ["util.pixels", "util.transforms", "util.samplers", "util.datasets", "util.hf_datasets", "util.sources", "util.dali_graph", "util.dali",
               "util.loaders"]),
     ("models", ["models_mae", "models_vit"]),
-    ("engine loop", ["util.engine_loop", "util.knn"]),
+    ("engine loop", ["util.engine_loop", "util.knn", "util.online_probe"]),
     ("engines", ["engine_pretrain", "engine_finetune"]),
     ("runner", ["util.settings", "util.runner", "util.classification", "util.cli", "util.misc", "util.export",
                 "util.bench"]),

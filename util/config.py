@@ -173,6 +173,8 @@ class KnnSettings:
     knn_max_train: int = 10000
     nb_knn: Tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
+    online_probe: bool = False
+    probe_lr: float = 1e-3
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ def restore(resume: str, eval_only: bool, model_without_ddp: torch.nn.Module,
 # what is written each epoch
 
 def save_epoch(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, loss_scaler: Any, numbered: bool) -> None:
+               optimizer: torch.optim.Optimizer, loss_scaler: Any, numbered: bool,
+               extra_state: Optional[Dict[str, Any]] = None) -> None:
     """checkpoint-last.pth every epoch; checkpoint-{epoch}.pth too when `numbered` (a hard link).
 
     A collective in distributed runs (every rank's random state goes into the file).
@@ -171,7 +172,7 @@ def save_epoch(args: Any, epoch: int, model: torch.nn.Module, model_without_ddp:
     if not args.output_dir:
         return
     last = save_model(args, epoch, model, model_without_ddp, optimizer, loss_scaler,
-                      name="last", extra={"rng": rng})
+                      name="last", extra={"rng": rng, **(extra_state or {})})
     if numbered and is_main_process():
         target = Path(args.output_dir) / f"checkpoint-{epoch}.pth"
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -211,7 +212,7 @@ def data_fingerprint(dataset: Any) -> str:
 
 def save_position(args: Any, epoch: int, step: int, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, loss_scaler: Any, order: List[int],
-                  meters: Dict[str, List[float]], data: str) -> None:
+                  meters: Dict[str, List[float]], data: str, extra_state: Optional[Dict[str, Any]] = None) -> None:
     """checkpoint-last.pth in the middle of `epoch`, after `step` batches (a collective in distributed runs).
 
     The reference's entries keep their meaning (`epoch` is the last finished one, so other tools see
@@ -227,7 +228,7 @@ def save_position(args: Any, epoch: int, step: int, model: torch.nn.Module, mode
                 "batch_size": args.batch_size, "accum_iter": args.accum_iter,
                 "order": [r["order"] for r in per_rank], "meters": [r["meters"] for r in per_rank]}
     save_model(args, epoch - 1, model, model_without_ddp, optimizer, loss_scaler, name="last",
-               extra={"rng": [r["rng"] for r in per_rank], "position": position})
+               extra={"rng": [r["rng"] for r in per_rank], "position": position, **(extra_state or {})})
 
 
 def epoch_position(checkpoint: Optional[Dict[str, Any]], data: str, batch_size: int,

@@ -193,12 +193,19 @@ class Run(StepBoundary):
 
     def __init__(self, settings: Settings, model: torch.nn.Module, model_without_ddp: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, loss_scaler: Any, data_loader_train: Any,
-                 extra_log: Optional[Dict[str, Any]] = None):
+                 extra_log: Optional[Dict[str, Any]] = None, extras: Optional[Dict[str, Any]] = None):
         self.settings, self.model, self.model_without_ddp = settings, model, model_without_ddp
         self.optimizer, self.loss_scaler, self.loader = optimizer, loss_scaler, data_loader_train
         self.extra_log = extra_log or {}
+        # more state that checkpoints carry: name -> object with checkpoint_state() / load_checkpoint_state()
+        self.extras = extras or {}
         self.optim, self.ckpt = settings.optim, settings.ckpt
         resumed = restore(settings.ckpt.resume, False, model_without_ddp, optimizer, loss_scaler)
+        for name, part in self.extras.items():
+            if resumed is not None and name in resumed:
+                part.load_checkpoint_state(resumed[name])
+            elif resumed is not None:
+                log(f"{settings.ckpt.resume} holds no {name} state: it starts afresh")
         self.first_position = position_in_epoch(resumed, data_loader_train.dataset, settings.data.batch_size,
                                                 settings.optim.accum_iter)
         del resumed  # the position is all the loop needs: do not hold the checkpoint's tensors
@@ -239,6 +246,10 @@ class Run(StepBoundary):
             yield epoch
         log("Training time {}".format(str(datetime.timedelta(seconds=int(time.time() - start_time)))))
 
+    def extra_state(self) -> Dict[str, Any]:
+        """The checkpoint entries of `extras` (e.g. 'online_probe')."""
+        return {name: part.checkpoint_state() for name, part in self.extras.items()}
+
     def position(self, epoch: int) -> Optional[EpochPosition]:
         """Where `epoch` continues (a stopped epoch of the resumed checkpoint), or None to run it whole."""
         here = self.first_position
@@ -254,7 +265,8 @@ class Run(StepBoundary):
         if not self._fingerprint:
             self._fingerprint.append(data_fingerprint(self.loader.dataset))
         save_position(self.settings.args, epoch, step, self.model, self.model_without_ddp, self.optimizer,
-                      self.loss_scaler, self.loader.sampler.order(), meters.totals(), self._fingerprint[0])
+                      self.loss_scaler, self.loader.sampler.order(), meters.totals(), self._fingerprint[0],
+                      self.extra_state())
         self.guard.saved()
         if signum:
             self.guard.barrier()  # rank 0 has written the file before any rank exits
@@ -280,7 +292,7 @@ class Run(StepBoundary):
             self.log_writer.epoch_row(log_stats)
         last = epoch + 1 == self.optim.epochs
         save_epoch(self.settings.args, epoch, self.model, self.model_without_ddp, self.optimizer, self.loss_scaler,
-                   numbered or last)
+                   numbered or last, self.extra_state())
         self.guard.saved()
         signum, _ = self.guard.poll()  # a signal during evaluation or saving: stop at this epoch boundary
         if signum and epoch + 1 < self.optim.end_epoch:
