@@ -77,8 +77,15 @@ class OnlineProbe(nn.Module):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             n, length = images.shape[0], mae.patch_embed.num_patches
             noise = torch.arange(length, device=device, dtype=torch.float32).expand(n, length)  # no random draws
-            with autocast(device, amp):
-                latent = mae.forward_encoder(images, 0.0, noise=noise)[0]
+            sharded = hasattr(mae, "unshard")  # --fsdp: the root's own weights are gathered by its forward only
+            if sharded:
+                mae.unshard()
+            try:
+                with autocast(device, amp):
+                    latent = mae.forward_encoder(images, 0.0, noise=noise)[0]
+            finally:
+                if sharded:
+                    mae.reshard()
             self.features = None
             predicted = self(latent[:, 0]).argmax(dim=1)
             correct += (predicted == labels).sum()
