@@ -127,3 +127,53 @@ def test_a_nan_image_is_skipped_by_the_entry_point_or_stops_it(tmp_path):
     proc = run_entry(main_pretrain, *args, "--nan_policy", "skip", "--nan_max_skips", "1", "--output_dir",
                      tmp_path / "stop", check=False)
     assert proc.returncode == 1 and "1 updates in a row had a non-finite loss" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_rollback_restores_the_last_checkpoint_and_goes_on_with_the_next_batch(tmp_path, monkeypatch):
+    import util.runner as runner
+    from helpers import load
+    from util.datasets import ImageFolder
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(4):  # float arrays: a NaN image has the batch's dtype
+            np.save(tmp_path / "data" / "train" / f"class{c}" / f"{i}.npy", rng.random((32, 32, 3), dtype=np.float32))
+    real, count = ImageFolder.__getitem__, [0]
+
+    def poisoned(at):
+        def getitem(self, index):
+            count[0] += 1
+            image, label = real(self, index)
+            return (torch.full_like(image, float("nan")) if count[0] in at else image), label
+        return getitem
+
+    restored = []
+    real_rollback = runner.Run.rollback
+
+    def spy(self, *a):
+        real_rollback(self, *a)
+        restored.append({k: v.clone() for k, v in self.model_without_ddp.state_dict().items()})
+
+    monkeypatch.setattr(runner.Run, "rollback", spy)
+    args = [*TINY_PRETRAIN, "--batch_size", "2", "--amp", "none", "--data_path", tmp_path / "data", "--log_dir", "",
+            "--nan_policy", "rollback"]
+    # 8 images, 4 steps an epoch: the 11th read is in epoch 1, step 1
+    monkeypatch.setattr(ImageFolder, "__getitem__", poisoned({11}))
+    out = tmp_path / "out"
+    proc = run_entry(main_pretrain, *args, "--epochs", "3", "--output_dir", out)
+    assert "rolled back to" in proc.stderr and "(the end of epoch 0), going on with the next batch" in proc.stderr
+    saved = load(out / "checkpoint-0.pth")["model"]  # what checkpoint-last.pth held then
+    assert len(restored) == 1 and all(torch.equal(restored[0][k], saved[k]) for k in saved)
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2] and all(np.isfinite(r["train_loss"]) for r in read_log(out))
+    # too many rollbacks, or none to go back to: the run stops with one line
+    count[0] = 0
+    monkeypatch.setattr(ImageFolder, "__getitem__", poisoned({11, 19}))
+    proc = run_entry(main_pretrain, *args, "--epochs", "3", "--nan_max_rollbacks", "1", "--output_dir",
+                     tmp_path / "twice", check=False)
+    assert proc.returncode == 1 and "1 rollback(s) already (--nan_max_rollbacks 1)" in proc.stderr
+    count[0] = 0
+    monkeypatch.setattr(ImageFolder, "__getitem__", poisoned({3}))
+    proc = run_entry(main_pretrain, *args, "--epochs", "1", "--output_dir", tmp_path / "early", check=False)
+    assert proc.returncode == 1 and "no checkpoint to roll back to yet" in proc.stderr

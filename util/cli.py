@@ -189,10 +189,14 @@ def _add_our_args(parser: argparse.ArgumentParser, ours: Any, training: bool) ->
                       help="also write checkpoint-last.pth inside an epoch every M minutes of training, so a hard "
                            "kill loses at most M minutes (default: off; a stop signal always saves the position)")
     ours.add_argument("--nan_policy", default="stop", choices=NAN_POLICIES,
-                      help="a step with a non-finite loss (or gradients): stop the run (the reference's), or skip "
-                           "that update and go on, stopping after --nan_max_skips in a row (one host sync per step)")
+                      help="a step with a non-finite loss (or gradients): stop the run (the reference's); skip that "
+                           "update and go on, stopping after --nan_max_skips in a row; or rollback: restore "
+                           "checkpoint-last.pth and go on with the next batch, stopping after --nan_max_rollbacks "
+                           "(skip and rollback: one host sync per step)")
     ours.add_argument("--nan_max_skips", default=5, type=int, metavar="K",
                       help="--nan_policy skip: stop after K skipped updates in a row")
+    ours.add_argument("--nan_max_rollbacks", default=3, type=int, metavar="R",
+                      help="--nan_policy rollback: stop at the non-finite step after R rollbacks")
     ours.add_argument("--wandb", action="store_true",
                       help="also log to Weights & Biases (pip install -r requirements-wandb.txt): per-update "
                            "scalars, each epoch's log.txt row, the pictures; a resumed run continues its W&B run")

@@ -111,6 +111,7 @@ class OptimSettings:
     stop_epoch: Optional[int] = None
     nan_policy: str = "stop"
     nan_max_skips: int = 5
+    nan_max_rollbacks: int = 3
 
     @property
     def end_epoch(self) -> int:

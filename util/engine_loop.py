@@ -32,7 +32,7 @@ from util.rng import set_rng_state
 from util.sharding import gradient_sync
 
 
-NAN_POLICIES = ("stop", "skip")
+NAN_POLICIES = ("stop", "skip", "rollback")
 CONSOLE_ONLY = ("grad_norm",)  # meters printed (and in TensorBoard) but kept out of log.txt, whose keys are the reference's
 
 
@@ -41,21 +41,31 @@ class NanPolicy:
 
     'stop' (the reference's): the run stops with one line (checked at print boundaries, without a per-step sync).
     'skip': that update is dropped (no optimizer step; the loss is kept out of the averages), a line and a
-    TensorBoard mark ('nan_skipped') say so, and the run stops after `max_skips` such updates in a row; it reads
-    each update's loss and gradient norm back (one host sync per step). Under fp16 non-finite gradients with a
-    finite loss are the loss scaler's business (it skips the step and lowers the scale), not a NaN event.
+    TensorBoard mark ('nan_skipped') say so, and the run stops after `max_skips` such updates in a row.
+    'rollback': that update is dropped too, then the model, optimizer, loss scaler (and the online probe) are
+    restored from checkpoint-last.pth (StepBoundary.rollback: util/runner.py) and the epoch goes on with the next
+    batch; after `max_rollbacks` rollbacks the run stops. Both read each update's loss and gradient norm back (one
+    host sync per step). Under fp16 non-finite gradients with a finite loss are the loss scaler's business (it
+    skips the step and lowers the scale), not a NaN event.
     """
 
-    def __init__(self, policy: str = "stop", max_skips: int = 5):
+    def __init__(self, policy: str = "stop", max_skips: int = 5, max_rollbacks: int = 3):
         if policy not in NAN_POLICIES:
             raise ValueError(f"--nan_policy must be one of {', '.join(NAN_POLICIES)}, got {policy}")
-        self.policy, self.max_skips, self.in_a_row, self.skipped = policy, max_skips, 0, 0
+        self.policy, self.max_skips, self.max_rollbacks = policy, max_skips, max_rollbacks
+        self.in_a_row, self.skipped = 0, 0
+
+    @property
+    def checks(self) -> bool:
+        """Whether every update is checked (skip, rollback) instead of only at print boundaries (stop)."""
+        return self.policy != "stop"
 
     @classmethod
     def of(cls, args: Any) -> "NanPolicy":
         """The policy of a run's flags (the reference's namespaces have none: 'stop')."""
         flags = vars(args)
-        return cls(flags.get("nan_policy") or "stop", int(flags.get("nan_max_skips") or 5))
+        return cls(flags.get("nan_policy") or "stop", int(flags.get("nan_max_skips") or 5),
+                   int(flags.get("nan_max_rollbacks") or 3))
 
 
 def block_grad_norms(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -81,6 +91,11 @@ class StepBoundary:
     def step_done(self, epoch: int, step: int, meters: MetricLogger, check_losses: Callable[[], None]) -> None:
         """`step` batches of `epoch` are done; `check_losses` raises if a loss since the last check was not
         finite."""
+
+    def rollback(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        """--nan_policy rollback: the update after `step` batches of `epoch` was not finite; restore the last
+        good state (or raise NonFiniteLossError when there is none, or after too many rollbacks)."""
+        raise NonFiniteLossError(epoch, step, lr, loss)
 
 
 class LossWatch:
@@ -219,7 +234,7 @@ class EpochSteps:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward (and at the accumulation boundary clip and step), then record the step's loss and lr."""
         step, update_grad = self.step, self._updates()
-        skip = self.nan.policy == "skip"
+        skip = self.nan.checks
         if skip:
             self.accum_losses.append(loss.detach())
         skipped = []
@@ -268,7 +283,15 @@ class EpochSteps:
                 self.scalars.add("loss_scale", self.loss_scaler.scale(), epoch_1000x)
 
     def _skipped(self, step: int, lr: float, loss: torch.Tensor) -> None:
-        """--nan_policy skip dropped this update: a line, a TensorBoard mark, and a stop after too many in a row."""
+        """--nan_policy skip dropped this update: a line, a TensorBoard mark, and a stop after too many in a row
+        (rollback: the last good state back, StepBoundary.rollback)."""
+        if self.nan.policy == "rollback":
+            epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)
+            self.scalars.add("nan_rollback", 1.0, epoch_1000x)
+            if self.stop is None:
+                raise NonFiniteLossError(self.epoch, step, lr, float(widen(loss)))
+            self.stop.rollback(self.epoch, step, float(widen(loss)), lr)
+            return
         self.nan.in_a_row += 1
         self.nan.skipped += 1
         epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)

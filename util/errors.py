@@ -21,11 +21,11 @@ class NonFiniteLossError(RuntimeError):
 
     exit_code = 1
 
-    def __init__(self, epoch: int, step: int, lr: float, loss: float, skipped: int = 0):
+    def __init__(self, epoch: int, step: int, lr: float, loss: float, skipped: int = 0, why: str = ""):
         self.epoch, self.step, self.lr, self.loss = epoch, step, lr, loss
         what = (f"{skipped} updates in a row had a non-finite loss or gradients (--nan_policy skip, "
                 f"--nan_max_skips {skipped}), the last at epoch {epoch}, step {step} (loss {loss}, lr {lr:.3e})"
-                if skipped else f"loss is {loss} at epoch {epoch}, step {step} (lr {lr:.3e})")
+                if skipped else f"loss is {loss} at epoch {epoch}, step {step} (lr {lr:.3e}){why}")
         super().__init__(
             f"{what}; stopping training. "
             f"The last good checkpoints are kept: lower --blr, raise --warmup_epochs or try "

@@ -30,12 +30,12 @@ from util.checkpoint import load_pretrained, to_plain
 from util.config import Settings
 from util.distributed import get_world_size, is_main_process
 from util.engine_loop import StepBoundary
-from util.errors import UserError
+from util.errors import NonFiniteLossError, UserError
 from util.logger import log, warn
 from util.metrics import MetricLogger
 from util.preemption import StopGuard
-from util.resume import (EpochPosition, data_fingerprint, epoch_position, remove_stale_temp_files, restore,
-                         save_epoch, save_position, truncate_log)
+from util.resume import (EpochPosition, data_fingerprint, epoch_position, load_training_state,
+                         remove_stale_temp_files, restore, save_epoch, save_position, truncate_log)
 from util.runs import remove_run
 from util.settings import resolve_settings
 from util.sharding import shard_model
@@ -217,6 +217,7 @@ class Run(StepBoundary):
         self.log_path = os.path.join(self.ckpt.output_dir, "log.txt") if self.ckpt.output_dir else None
         self.guard = StopGuard(self.ckpt.save_every_minutes, settings.dist.dist_timeout)
         self._fingerprint: List[str] = []  # of the training set, hashed at the first mid-epoch save only
+        self.rollbacks = 0  # --nan_policy rollback: how many this run did
 
     def __enter__(self) -> "Run":
         self.guard.__enter__()
@@ -245,6 +246,27 @@ class Run(StepBoundary):
                 sampler.resume_from(here.order, here.step * self.loader.batch_size)
             yield epoch
         log("Training time {}".format(str(datetime.timedelta(seconds=int(time.time() - start_time)))))
+
+    def rollback(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        """--nan_policy rollback: the model, optimizer, loss scaler and extras back to checkpoint-last.pth (every
+        rank: the NaN check agreed across them); the data goes on with the next batch."""
+        path = os.path.join(self.ckpt.output_dir, "checkpoint-last.pth") if self.ckpt.output_dir else ""
+        limit = self.optim.nan_max_rollbacks
+        if not path or not os.path.isfile(path):
+            raise NonFiniteLossError(epoch, step, lr, loss, why="; no checkpoint to roll back to yet "
+                                     "(--nan_policy rollback needs a saved epoch or --save_every_minutes position)")
+        if self.rollbacks >= limit:
+            raise NonFiniteLossError(epoch, step, lr, loss, why=f"; {self.rollbacks} rollback(s) already "
+                                     f"(--nan_max_rollbacks {limit})")
+        self.rollbacks += 1
+        saved = load_training_state(path, self.model_without_ddp, self.optimizer, self.loss_scaler)
+        for name, part in self.extras.items():
+            if name in saved:
+                part.load_checkpoint_state(saved[name])
+        where = saved.get("position")
+        state = f"epoch {where['epoch']}, step {where['step']}" if where else f"the end of epoch {saved['epoch']}"
+        warn(f"non-finite loss ({loss}) at epoch {epoch}, step {step}: rolled back to {path} ({state}), going on with "
+             f"the next batch (--nan_policy rollback, {self.rollbacks} of {limit})")
 
     def extra_state(self) -> Dict[str, Any]:
         """The checkpoint entries of `extras` (e.g. 'online_probe')."""

@@ -40,7 +40,7 @@ MAY_CHANGE = frozenset({
     "output_dir", "log_dir", "print_freq", "save_freq", "save_every_minutes", "vis_freq", "vis_channels", "knn_freq",
     "log_grad_blocks", "wandb", "wandb_project", "wandb_name", "wandb_mode",
     # what a non-finite step does: a run stopped by a NaN may continue with --nan_policy skip
-    "nan_policy", "nan_max_skips",
+    "nan_policy", "nan_max_skips", "nan_max_rollbacks",
     "knn_data_path", "knn_max_train",
     "resume", "start_epoch", "auto_resume", "overwrite", "eval", "entry",
     # the submitit launchers' own flags
