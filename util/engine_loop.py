@@ -182,6 +182,8 @@ class EpochSteps:
         self.grad_blocks = bool(vars(args).get("log_grad_blocks"))
         self.log_writer = log_writer
         self.accum_losses: List[torch.Tensor] = []
+        self.micro: List[Tuple[int, float, torch.Tensor]] = []  # skip / rollback: an accumulation's earlier micro-steps
+        self._block_window = -1
         self.meters = MetricLogger(delimiter="  ")
         self.meters.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
         self.meters.add_meter("grad_norm", SmoothedValue(fmt="{median:.4f} ({global_avg:.4f})"))
@@ -242,7 +244,9 @@ class EpochSteps:
                                 parameters=self.trainable, update_grad=update_grad,
                                 skip=(lambda n: skipped.append(self._skip(n)) or skipped[-1]) if skip else None)
         if update_grad:
-            if self.grad_blocks and self.log_writer is not None and step % self.args.print_freq == 0:
+            window = step // self.args.print_freq  # the first update of each --print_freq window
+            if self.grad_blocks and self.log_writer is not None and window != self._block_window:
+                self._block_window = window
                 epoch_1000x = int((step / self.num_steps + self.epoch) * 1000)
                 for name, value in block_grad_norms(self.model).items():
                     self.scalars.add(f"grad_norm/{name}", value, epoch_1000x)
@@ -253,10 +257,14 @@ class EpochSteps:
         if skipped and skipped[-1]:
             self._skipped(step, lr, loss)
         elif skip and not update_grad:
-            pass  # a micro-step of an accumulation: its loss counts with the update that ends it
+            self.micro.append((step, lr, loss.detach()))  # counted with the update that ends the accumulation
         else:
             self.nan.in_a_row = 0 if update_grad else self.nan.in_a_row
+            for micro_step, micro_lr, micro_loss in self.micro:
+                self._record(micro_step, False, micro_lr, micro_loss, None)
             self._record(step, update_grad, lr, loss, norm)
+        if update_grad:
+            self.micro.clear()
         if step % self.args.print_freq == 0 or step == self.num_steps - 1:
             self.watch.check()  # the only read-back of the loss between prints
             self.scalars.flush()

@@ -27,6 +27,8 @@ def check_common_flags(s: Settings) -> None:
         raise UserError(f"--num_workers must be 0 or more, got {s.data.num_workers}")
     if s.ckpt.save_every_minutes is not None and s.ckpt.save_every_minutes <= 0:
         raise UserError(f"--save_every_minutes must be more than 0, got {s.ckpt.save_every_minutes}")
+    if s.knn.probe_lr <= 0:
+        raise UserError(f"--probe_lr must be positive, got {s.knn.probe_lr}")
     if s.optim.nan_max_rollbacks < 1:
         raise UserError(f"--nan_max_rollbacks is a number of rollbacks, at least 1, got {s.optim.nan_max_rollbacks}")
     if s.optim.nan_max_skips < 1:

@@ -26,10 +26,12 @@ class OnlineProbe(nn.Module):
 
     def __init__(self, embed_dim: int, num_classes: int, lr: float = 1e-3):
         super().__init__()
-        self.norm = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        with torch.random.fork_rng(devices=[]):  # its initialisation leaves training's random stream untouched
+            torch.manual_seed(0)
+            self.norm = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6)
+            self.head = nn.Linear(embed_dim, num_classes)
+            nn.init.trunc_normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
         self.features: Optional[torch.Tensor] = None
         self._hook: Optional[Any] = None

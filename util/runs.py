@@ -38,7 +38,7 @@ MAY_CHANGE = frozenset({
     "batch_size", "accum_iter", "world_size", "rank", "gpu", "local_rank", "distributed", "dist_backend", "dist_url",
     "dist_on_itp", "dist_timeout",
     "output_dir", "log_dir", "print_freq", "save_freq", "save_every_minutes", "vis_freq", "vis_channels", "knn_freq",
-    "log_grad_blocks", "wandb", "wandb_project", "wandb_name", "wandb_mode",
+    "log_grad_blocks", "online_probe", "probe_lr", "wandb", "wandb_project", "wandb_name", "wandb_mode",
     # what a non-finite step does: a run stopped by a NaN may continue with --nan_policy skip
     "nan_policy", "nan_max_skips", "nan_max_rollbacks",
     "knn_data_path", "knn_max_train",
